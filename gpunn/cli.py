@@ -1,0 +1,388 @@
+"""``python scripts/train_mnist.py``: train the lecture's MNIST models (Example 6.2) with mini-batch SGD.
+
+Every problem a user can cause (bad flags, missing or corrupt data, no GPU, an unwritable or occupied
+--out, a damaged checkpoint, divergence) ends in one line on stderr and a non-zero exit status: 2 for
+bad flags, 1 for the rest, 130 after Ctrl-C (143 after SIGTERM) with a checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .backend import get_device
+from .data import DeviceDataset, load_idx_dataset, load_split, resolve_data_dir
+from .errors import CheckpointError, DivergenceError, GpunnError
+from .train import (
+    Config,
+    TrainState,
+    build,
+    evaluate,
+    fit,
+    iterations_per_epoch,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+    write_atomic,
+)
+
+PROG = "train_mnist.py"
+RECIPE = [f.name for f in Config.__dataclass_fields__.values()]  # flags --resume must not change
+
+
+class UsageError(GpunnError):
+    """Bad flags: reported like argparse's errors, with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
+    d = Config() if with_defaults else None
+
+    def default(value):
+        return value if with_defaults else argparse.SUPPRESS
+
+    p = _Parser(
+        prog=PROG,
+        description="Train logistic regression or an MLP on MNIST with mini-batch SGD "
+        "(Lindholm et al., Example 6.2), the dataset resident on the device.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=None if with_defaults else argparse.SUPPRESS,
+    )
+    p.add_argument("--device", default=default("auto"), help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--data-dir",
+        default=default(None),
+        help="folder with the four MNIST-layout IDX files (.gz or not), read only; "
+        "else $GPUNN_DATA_DIR, else a download into ~/.cache/gpunn/mnist",
+    )
+    p.add_argument(
+        "--hidden",
+        type=int,
+        nargs="*",
+        metavar="W",
+        default=default(d and d.hidden),
+        help="hidden-layer widths; give --hidden alone for logistic regression (784→10)",
+    )
+    p.add_argument("--activation", choices=["relu", "sigmoid", "tanh"], default=default(d and d.activation))
+    p.add_argument("--epochs", type=int, default=default(d and d.epochs))
+    p.add_argument("--batch-size", type=int, default=default(d and d.batch_size), help="n_b")
+    p.add_argument("--lr", type=float, default=default(d and d.lr), help="learning rate γ")
+    p.add_argument("--momentum", type=float, default=default(d and d.momentum))
+    p.add_argument("--weight-decay", type=float, default=default(d and d.weight_decay), help="on W only")
+    p.add_argument(
+        "--lr-schedule", choices=["constant", "step", "cosine"], default=default(d and d.lr_schedule)
+    )
+    p.add_argument(
+        "--lr-step-epochs",
+        type=int,
+        default=default(d and d.lr_step_epochs),
+        help="step schedule: multiply γ by --lr-gamma every this many epochs",
+    )
+    p.add_argument("--lr-gamma", type=float, default=default(d and d.lr_gamma))
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=default(d and d.eval_every),
+        help="iterations between evaluations on the whole validation set",
+    )
+    p.add_argument("--seed", type=int, default=default(d and d.seed))
+    p.add_argument("--dtype", choices=["float32", "float64"], default=default(d and d.dtype))
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=default(d and d.num_classes),
+        help="M; labels must lie in 0…M−1",
+    )
+    p.add_argument("--out", type=Path, default=default(None), help="run folder (default: runs/mnist-<time>)")
+    p.add_argument("--resume", action="store_true", default=default(False), help="continue the run in --out")
+    p.add_argument(
+        "--eval-only",
+        type=Path,
+        metavar="CHECKPOINT",
+        default=default(None),
+        help="evaluate a checkpoint on the validation set and exit",
+    )
+    p.add_argument("--no-progress", action="store_true", default=default(False), help="plain output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        explicit = vars(build_parser(with_defaults=False).parse_args(argv))
+        return _eval_only(args) if args.eval_only is not None else _run(args, explicit)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except GpunnError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except MemoryError as exc:  # CuPy's OutOfMemoryError is one
+        print(f"{PROG}: error: out of memory ({exc}); try a smaller --batch-size", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _device(spec: str):
+    """get_device, with its fallback notice printed as one line."""
+    with warnings.catch_warnings(record=True) as notices:
+        warnings.simplefilter("always")
+        device = get_device(spec)
+    for notice in notices:
+        print(f"{PROG}: notice: {notice.message}", file=sys.stderr)
+    return device
+
+
+def _config_from_args(args) -> Config:
+    try:
+        return Config(**{name: getattr(args, name) for name in RECIPE}).check()
+    except ValueError as exc:  # "batch_size must be …" -> "--batch-size must be …"
+        field, _, rest = str(exc).partition(" ")
+        raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
+
+
+def _run(args, explicit: dict) -> int:
+    out = args.out or _fresh_run_dir()
+    ckpt_path = out / "checkpoint.npz"
+    if args.resume:
+        if args.out is None:
+            raise UsageError("--resume needs --out DIR, the run to continue")
+        cfg, arrays, state = load_checkpoint(ckpt_path)
+        changed = [
+            f"--{k.replace('_', '-')} {explicit[k]} (the run has {getattr(cfg, k)})"
+            for k in RECIPE
+            if k in explicit and explicit[k] != getattr(cfg, k)
+        ]
+        if changed:
+            raise UsageError(f"--resume continues the run as configured; drop {', '.join(changed)}")
+    else:
+        cfg, arrays, state = _config_from_args(args), None, TrainState()
+        _claim_run_dir(out)
+
+    device = _device(args.device)
+    folder = resolve_data_dir(args.data_dir, progress=not args.no_progress)
+    train_split, val_split = load_idx_dataset(folder, cfg.num_classes)
+    net, opt = build(cfg, train_split.X.shape[1], device)
+    if arrays is not None:
+        restore(net, opt, arrays, ckpt_path)
+    train_set = DeviceDataset(train_split.X, train_split.y, device)
+    val_set = DeviceDataset(val_split.X, val_split.y, device)
+    del train_split, val_split
+
+    if not args.resume:
+        config = {**cfg.to_dict(), "data_dir": str(folder), "device": device.description()}
+        write_atomic(out / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
+    metrics = _MetricsLog(out / "metrics.jsonl", keep_until=state.iteration)
+    per_epoch = iterations_per_epoch(train_set.n, cfg.batch_size)
+    total = cfg.epochs * per_epoch
+    progress = _progress(args, total, per_epoch, state.iteration)
+    print(
+        f"{PROG}: {net} on {device.description()}: {cfg.epochs} epochs × {per_epoch} iterations, "
+        f"n_b={cfg.batch_size}, γ={cfg.lr}; writing to {out}",
+        file=sys.stderr,
+    )
+    stop = _StopFlag()
+
+    def on_eval(record):
+        metrics.append(record)
+        progress.evaluated(record)
+
+    def on_checkpoint(st):
+        save_checkpoint(ckpt_path, net, opt, cfg, st)
+
+    try:
+        with stop:
+            done = fit(net, opt, cfg, train_set, val_set, state, on_eval, on_checkpoint,
+                       progress.step, stop.is_set)  # fmt: skip
+    except DivergenceError as exc:
+        progress.close()
+        kept = f"{ckpt_path} keeps iteration {_checkpoint_iteration(ckpt_path)}"
+        raise DivergenceError(f"{exc}; {kept}" if ckpt_path.exists() else str(exc)) from None
+    progress.close()
+    _plot(out, state, metrics.records, net)
+    if not done:
+        print(
+            f"{PROG}: stopped at iteration {state.iteration} of {total}; checkpoint saved. "
+            f"Resume with: python scripts/train_mnist.py --out {out} --resume",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
+    last = metrics.records[-1] if metrics.records else None
+    if last:
+        print(
+            f"{PROG}: done: validation error {100 * last['val_error']:.2f} %, cost "
+            f"{last['val_loss']:.4f}, after {total} iterations in {last['time_s']:.1f} s of training"
+        )
+    return 0
+
+
+def _eval_only(args) -> int:
+    cfg, arrays, state = load_checkpoint(args.eval_only)
+    device = _device(args.device)
+    folder = resolve_data_dir(args.data_dir, progress=not args.no_progress)
+    val = load_split(folder, "val", cfg.num_classes)
+    net, opt = build(cfg, val.X.shape[1], device)
+    restore(net, opt, arrays, args.eval_only)
+    val_loss, val_error = evaluate(net, DeviceDataset(val.X, val.y, device))
+    print(
+        f"{args.eval_only} (iteration {state.iteration}): validation cost {val_loss:.4f}, "
+        f"misclassification {100 * val_error:.2f} % on {val.X.shape[0]} images"
+    )
+    return 0
+
+
+def _fresh_run_dir() -> Path:
+    base = Path("runs") / time.strftime("mnist-%Y%m%d-%H%M%S")
+    out, k = base, 1
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return out
+
+
+def _claim_run_dir(out: Path) -> None:
+    """Make ``out`` and prove it writable; refuse one that holds another run's checkpoint."""
+    if (out / "checkpoint.npz").exists():
+        raise CheckpointError(
+            f"{out} already holds a run's checkpoint; continue it with --resume or choose another --out"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / ".write-test", lambda f: f.write(b"ok"))
+        (out / ".write-test").unlink()
+    except OSError as exc:
+        raise CheckpointError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+
+
+def _checkpoint_iteration(path: Path) -> int:
+    try:
+        return load_checkpoint(path)[2].iteration
+    except CheckpointError:
+        return -1
+
+
+class _MetricsLog:
+    """metrics.jsonl, one evaluation per line. On resume, records after the checkpoint are dropped
+    (the resumed run will produce them again) and unreadable lines from a crash are skipped."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.path, self.records = path, []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and record.get("iteration", 1 << 62) <= keep_until:
+                    self.records.append(record)
+        text = "".join(json.dumps(r) + "\n" for r in self.records).encode()
+        write_atomic(path, lambda f: f.write(text))
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step (restored on exit)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def is_set(self) -> bool:
+        return self.signum != 0
+
+    def _handle(self, signum, frame):
+        if not self.signum:
+            print(f"\n{PROG}: stopping after this step…", file=sys.stderr)
+        self.signum = signum
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _progress(args, total: int, per_epoch: int, start: int):
+    if not args.no_progress and sys.stderr.isatty():
+        return _Bars(total, per_epoch, start)
+    return _Lines(total)
+
+
+class _Lines:
+    """One line per evaluation on stdout."""
+
+    def __init__(self, total: int):
+        self.width = len(str(total))
+
+    def step(self, t: int) -> None:
+        pass
+
+    def evaluated(self, r: dict) -> None:
+        print(
+            f"iter {r['iteration']:>{self.width}}  epoch {r['epoch']:6.2f}  "
+            f"train {r['train_loss']:.4f} / {100 * r['train_error']:5.2f} %  "
+            f"val {r['val_loss']:.4f} / {100 * r['val_error']:5.2f} %  "
+            f"lr {r['lr']:.4g}  {r['time_s']:7.1f} s",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+class _Bars:
+    """tqdm bars for epochs and for the iterations of the current epoch."""
+
+    def __init__(self, total: int, per_epoch: int, start: int):
+        from tqdm import tqdm
+
+        self.per_epoch = per_epoch
+        epochs = -(-total // per_epoch)
+        self.epochs = tqdm(total=epochs, initial=start // per_epoch, desc="epochs", position=0)
+        self.iters = tqdm(total=per_epoch, initial=start % per_epoch, desc="iterations",
+                          position=1, leave=False)  # fmt: skip
+
+    def step(self, t: int) -> None:
+        self.iters.update()
+        if t % self.per_epoch == 0:
+            self.epochs.update()
+            self.iters.reset()
+
+    def evaluated(self, r: dict) -> None:
+        self.epochs.set_postfix(val_error=f"{100 * r['val_error']:.2f}%", refresh=False)
+
+    def close(self) -> None:
+        self.iters.close()
+        self.epochs.close()
+
+
+def _plot(out: Path, state: TrainState, records: list, net) -> None:
+    try:
+        from .plots import plot_training_curves
+    except ImportError:
+        print(
+            f"{PROG}: notice: matplotlib is not installed, so no curves.png (pip install 'gpunn[plot]')",
+            file=sys.stderr,
+        )
+        return
+    title = f"MNIST, {'-'.join(map(str, net.sizes))} {net.activation.name}"
+    plot_training_curves(out / "curves.png", state.batch_loss, state.batch_error, records, title)
