@@ -110,6 +110,14 @@ CPU = Device("cpu")
 _SPEC = re.compile(r"^(cpu|auto|cuda)(?::(\d+))?$")
 
 
+def parse_device(spec: str) -> tuple[str, int]:
+    """("cpu"|"cuda"|"auto", index) for a device name; DeviceError for anything else."""
+    match = _SPEC.match(str(spec).strip().lower())
+    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+        raise DeviceError(f"unknown device {spec!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    return match.group(1), int(match.group(2) or 0)
+
+
 def get_device(spec: str | Device = "auto") -> Device:
     """The device named by ``spec``: "cpu", "cuda" (= "cuda:0"), "cuda:N" or "auto".
 
@@ -120,10 +128,7 @@ def get_device(spec: str | Device = "auto") -> Device:
     """
     if isinstance(spec, Device):
         return spec
-    match = _SPEC.match(str(spec).strip().lower())
-    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
-        raise DeviceError(f"unknown device {spec!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    kind, index = match.group(1), int(match.group(2) or 0)
+    kind, index = parse_device(spec)
     if kind == "cpu":
         return CPU
     if kind == "cuda":

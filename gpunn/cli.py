@@ -15,9 +15,9 @@ import time
 import warnings
 from pathlib import Path
 
-from .backend import get_device
+from .backend import get_device, parse_device
 from .data import DeviceDataset, load_idx_dataset, load_split, resolve_data_dir
-from .errors import CheckpointError, DivergenceError, GpunnError
+from .errors import CheckpointError, DeviceError, DivergenceError, GpunnError
 from .train import (
     Config,
     TrainState,
@@ -57,7 +57,7 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=None if with_defaults else argparse.SUPPRESS,
     )
-    p.add_argument("--device", default=default("auto"), help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=_device_name, default=default("auto"), help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--data-dir",
         default=default(None),
@@ -113,6 +113,14 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", default=default(False), help="plain output")
     return p
+
+
+def _device_name(text: str) -> str:
+    try:
+        parse_device(text)
+    except DeviceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

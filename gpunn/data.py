@@ -17,10 +17,10 @@ import hashlib
 import os
 import sys
 import tempfile
-import urllib.error
 import urllib.request
 import zlib
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 
 import numpy
@@ -68,14 +68,13 @@ def read_idx(path: Path, ndim: int) -> numpy.ndarray:
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header")
-    zero, dtype, dims = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
-    if zero != 0 or dtype != _IDX_UBYTE or dims != ndim:
+    if len(raw) >= 4 and (raw[0], raw[1], raw[2], raw[3]) != (0, 0, _IDX_UBYTE, ndim):
         raise DataError(
             f"{path}: bad IDX magic number 0x{raw[:4].hex()}; expected 0x000008{ndim:02x} "
             f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''})"
         )
+    if len(raw) < header:
+        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(numpy.prod(shape, dtype=numpy.int64))
     if len(raw) != expected or 0 in shape:
@@ -153,9 +152,11 @@ def resolve_data_dir(data_dir: str | Path | None = None, progress: bool = True) 
     return folder
 
 
-def _sha256_of_content(path: Path) -> str:
+def _sha256_of_content(path: Path, compressed: bool | None = None) -> str:
+    """sha256 of a file's content, decompressed when it is gzip (by default: named .gz)."""
     digest = hashlib.sha256()
-    opener = gzip.open if path.suffix == ".gz" else open
+    compressed = path.suffix == ".gz" if compressed is None else compressed
+    opener = gzip.open if compressed else open
     with opener(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
@@ -164,8 +165,8 @@ def _sha256_of_content(path: Path) -> str:
 
 def fetch_mnist(
     folder: Path,
-    mirrors=MNIST_MIRRORS,
-    checksums=MNIST_SHA256,
+    mirrors=None,
+    checksums=None,
     progress: bool = True,
     timeout: float = 30.0,
 ) -> None:
@@ -175,6 +176,8 @@ def fetch_mnist(
     its decompressed content matches; a failed or interrupted download leaves nothing behind.
     """
     folder = Path(folder)
+    mirrors = MNIST_MIRRORS if mirrors is None else mirrors
+    checksums = MNIST_SHA256 if checksums is None else checksums
     missing = [name for name in checksums if not (folder / (name + ".gz")).is_file()]
     if not missing:
         return
@@ -189,7 +192,7 @@ def fetch_mnist(
             try:
                 _download_verified(url, folder / (name + ".gz"), checksums[name], progress, timeout)
                 break
-            except (OSError, urllib.error.URLError, EOFError, zlib.error, ValueError) as exc:
+            except (OSError, HTTPException, EOFError, zlib.error, ValueError) as exc:
                 failures.append(f"{url}: {getattr(exc, 'reason', None) or exc}")
         else:
             raise DataError(
@@ -208,7 +211,7 @@ def _download_verified(url: str, target: Path, sha256: str, progress: bool, time
                 for block in iter(lambda: response.read(1 << 16), b""):
                     out.write(block)
                     bar.update(len(block))
-        got = _sha256_of_content(tmp)
+        got = _sha256_of_content(tmp, compressed=True)
         if got != sha256:
             raise ValueError(f"checksum mismatch (sha256 {got[:12]}…, expected {sha256[:12]}…)")
         os.replace(tmp, target)

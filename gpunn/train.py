@@ -219,6 +219,7 @@ class _Recorder:
         self.sizes.clear()
 
 
+@numpy.errstate(over="ignore", invalid="ignore", divide="ignore")  # divergence is reported, not warned
 def fit(
     net: MLP,
     opt: SGD,
@@ -336,7 +337,7 @@ def load_checkpoint(path: Path) -> tuple[Config, dict, TrainState]:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        with numpy.load(path, allow_pickle=False) as npz:
+        with path.open("rb") as f, numpy.load(f, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
         meta = json.loads(str(arrays.pop("meta")))
         if meta.get("format") != CHECKPOINT_FORMAT:

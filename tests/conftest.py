@@ -1,0 +1,63 @@
+"""Shared fixtures: every numeric test takes ``device`` and runs on NumPy always and on CuPy when a GPU
+answers (marked ``cuda``; skipped with the reason otherwise)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpunn
+from gpunn.data import SPLITS, find_idx_file
+
+from helpers import make_digits, write_idx
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request) -> gpunn.Device:
+    try:
+        return gpunn.get_device(request.param)
+    except gpunn.DeviceError as exc:
+        pytest.skip(f"no CUDA device here: {exc}")
+
+
+@pytest.fixture
+def cuda_device() -> gpunn.Device:
+    try:
+        return gpunn.get_device("cuda")
+    except gpunn.DeviceError as exc:
+        pytest.skip(f"no CUDA device here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST from $GPUNN_DATA_DIR (CI points it at ../shared/data/mnist)."""
+    folder = os.environ.get("GPUNN_DATA_DIR")
+    if not folder:
+        pytest.skip("GPUNN_DATA_DIR is not set: no real MNIST to test on")
+    try:
+        for names in SPLITS.values():
+            for name in names:
+                find_idx_file(Path(folder), name)
+    except gpunn.DataError as exc:
+        pytest.skip(f"GPUNN_DATA_DIR={folder} lacks MNIST: {exc}")
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """A small, learnable MNIST-layout dataset (1200 train / 300 val images, 28x28, 10 classes)."""
+    folder = tmp_path_factory.mktemp("digits")
+    (Xtr, ytr), (Xva, yva) = make_digits(1200, seed=1), make_digits(300, seed=2)
+    write_idx(folder / "train-images-idx3-ubyte.gz", Xtr)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", ytr)
+    write_idx(folder / "t10k-images-idx3-ubyte", Xva)
+    write_idx(folder / "t10k-labels-idx1-ubyte", yva)
+    return folder
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)

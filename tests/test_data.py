@@ -1,0 +1,216 @@
+"""MNIST-layout data: IDX validation, the data-folder order, the checked download, the device loader."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpunn
+from gpunn import data
+from gpunn.data import DeviceDataset, epoch_order, fetch_mnist, load_idx_dataset, read_idx, resolve_data_dir
+
+from helpers import idx_bytes, make_digits, write_idx
+
+NAMES = [name for pair in data.SPLITS.values() for name in pair]
+
+
+def write_dataset(folder: Path, n_train=30, n_val=10, labels=None, gz=False, size=28) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (Xtr, ytr), (Xva, yva) = make_digits(n_train, 0, size=size), make_digits(n_val, 1, size=size)
+    if labels is not None:
+        ytr = labels
+    suffix = ".gz" if gz else ""
+    for name, array in zip(NAMES, (Xtr, ytr, Xva, yva)):
+        write_idx(folder / (name + suffix), array)
+    return folder
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_reads_a_dataset(tmp_path, gz):
+    write_dataset(tmp_path, gz=gz)
+    train, val = load_idx_dataset(tmp_path)
+    assert train.X.shape == (30, 784) and train.X.dtype == np.uint8 and train.y.shape == (30,)
+    assert val.X.shape == (10, 784) and train.image_shape == (28, 28)
+    np.testing.assert_array_equal(train.X.reshape(30, 28, 28), make_digits(30, 0)[0])
+
+
+def test_reads_the_original_dotted_names_and_other_image_sizes(tmp_path):
+    write_dataset(tmp_path, size=12)
+    for name in NAMES:
+        (tmp_path / name).rename(tmp_path / name.replace("-idx", ".idx"))
+    train, _ = load_idx_dataset(tmp_path)
+    assert train.X.shape == (30, 144)
+
+
+@pytest.mark.parametrize(
+    ("forge", "message"),
+    [
+        ({"magic": b"\x00\x00\x08\x02"}, "bad IDX magic number 0x00000802; expected 0x00000803"),
+        ({"magic": b"\x00\x00\x0d\x03"}, "bad IDX magic number"),  # floats, not unsigned bytes
+        ({"magic": b"\x01\x00\x08\x03"}, "bad IDX magic number"),
+        ({"dims": (30, 28, 29)}, "30x28x29 items, which needs 24376 bytes; the file has 23536"),
+        ({"extra": b"\x00"}, "needs 23536 bytes; the file has 23537"),
+    ],
+)
+def test_corrupt_image_files_are_refused(tmp_path, forge, message):
+    write_dataset(tmp_path)
+    write_idx(tmp_path / "train-images-idx3-ubyte", make_digits(30, 0)[0], **forge)
+    with pytest.raises(gpunn.DataError, match=message):
+        load_idx_dataset(tmp_path)
+
+
+def test_truncated_header_and_broken_gzip(tmp_path):
+    write_dataset(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08")
+    with pytest.raises(gpunn.DataError, match="too short for an IDX header"):
+        load_idx_dataset(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"0" * 100)[:-8])
+    with pytest.raises(gpunn.DataError, match="cannot read .*t10k-labels-idx1-ubyte.gz"):
+        load_idx_dataset(tmp_path)
+
+
+def test_missing_file_and_folder(tmp_path):
+    write_dataset(tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte").unlink()
+    with pytest.raises(gpunn.DataError, match=r"missing t10k-images-idx3-ubyte\[.gz\]"):
+        load_idx_dataset(tmp_path)
+    with pytest.raises(gpunn.DataError, match="does not exist"):
+        load_idx_dataset(tmp_path / "nowhere")
+
+
+def test_image_and_label_counts_must_agree(tmp_path):
+    write_dataset(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(29, np.uint8))
+    with pytest.raises(gpunn.DataError, match="holds 30 images but train-labels-idx1-ubyte holds 29 labels"):
+        load_idx_dataset(tmp_path)
+
+
+def test_labels_must_be_classes(tmp_path):
+    labels = np.zeros(30, np.uint8)
+    labels[[7, 9]] = [10, 200]
+    write_dataset(tmp_path, labels=labels)
+    with pytest.raises(gpunn.DataError, match=r"label 10 at index 7 is outside 0…9 \(2 such labels"):
+        load_idx_dataset(tmp_path)
+    train, _ = load_idx_dataset(tmp_path, num_classes=201)
+    assert int(train.y.max()) == 200
+
+
+def test_train_and_validation_image_sizes_must_agree(tmp_path):
+    write_dataset(tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((10, 20, 20), np.uint8))
+    with pytest.raises(gpunn.DataError, match="training images are 28x28 but validation images are 20x20"):
+        load_idx_dataset(tmp_path)
+
+
+def test_read_idx_ndim(tmp_path):
+    path = write_idx(tmp_path / "x", np.arange(6, dtype=np.uint8))
+    assert read_idx(path, 1).tolist() == list(range(6))
+    with pytest.raises(gpunn.DataError, match="expected 0x00000803"):
+        read_idx(path, 3)
+
+
+# --- where the data comes from -----------------------------------------------------------------
+
+
+def test_flag_then_environment_then_cache(tmp_path, monkeypatch):
+    flag, env, cache = tmp_path / "flag", tmp_path / "env", tmp_path / "xdg"
+    flag.mkdir(), env.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.setenv(data.ENV_DATA_DIR, str(env))
+    assert resolve_data_dir(flag) == flag
+    assert resolve_data_dir(None) == env
+    monkeypatch.delenv(data.ENV_DATA_DIR)
+    write_dataset(cache / "gpunn" / "mnist", gz=True)  # a filled cache is used without a download
+    assert resolve_data_dir(None, progress=False) == cache / "gpunn" / "mnist"
+    with pytest.raises(gpunn.DataError, match="--data-dir .* is not a folder"):
+        resolve_data_dir(tmp_path / "missing")
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A local HTTP mirror serving gzip-compressed IDX files from tmp_path/www/mnist/."""
+    root = tmp_path / "www"
+    (root / "mnist").mkdir(parents=True)
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)  # noqa: E731
+    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root / "mnist", f"http://127.0.0.1:{server.server_address[1]}/mnist/"
+    server.shutdown()
+    server.server_close()
+
+
+def publish(folder: Path, name: str, payload: bytes) -> str:
+    (folder / (name + ".gz")).write_bytes(gzip.compress(payload))
+    return hashlib.sha256(payload).hexdigest()
+
+
+def test_download_verifies_and_falls_back_to_the_second_mirror(tmp_path, mirror):
+    served, url = mirror
+    sums = {"train-labels-idx1-ubyte": publish(served, "train-labels-idx1-ubyte", idx_bytes(np.arange(9)))}
+    cache = tmp_path / "cache"
+    dead = "http://127.0.0.1:9/mnist/"  # nothing listens on the discard port
+    fetch_mnist(cache, mirrors=[dead, url], checksums=sums, progress=False)
+    assert read_idx(cache / "train-labels-idx1-ubyte.gz", 1).tolist() == list(range(9))
+    assert [p.name for p in cache.iterdir()] == ["train-labels-idx1-ubyte.gz"]  # no temp files left
+
+
+def test_checksum_mismatch_leaves_nothing(tmp_path, mirror):
+    served, url = mirror
+    publish(served, "t10k-labels-idx1-ubyte", idx_bytes(np.arange(9)))
+    cache = tmp_path / "cache"
+    with pytest.raises(gpunn.DataError, match="checksum mismatch"):
+        fetch_mnist(cache, mirrors=[url], checksums={"t10k-labels-idx1-ubyte": "0" * 64}, progress=False)
+    assert list(cache.iterdir()) == []
+
+
+def test_offline_message_names_the_url_and_the_flag(tmp_path):
+    with pytest.raises(gpunn.DataError) as info:
+        fetch_mnist(tmp_path / "c", mirrors=["http://127.0.0.1:9/m/"], progress=False, timeout=2)
+    message = str(info.value)
+    assert "http://127.0.0.1:9/m/train-images-idx3-ubyte.gz" in message
+    assert "--data-dir" in message and "GPUNN_DATA_DIR" in message
+
+
+def test_real_mirror_list_and_checksums_cover_mnist():
+    assert set(data.MNIST_SHA256) == set(NAMES) and len(data.MNIST_MIRRORS) >= 2
+    assert all(url.startswith("https://") and url.endswith("/") for url in data.MNIST_MIRRORS)
+
+
+@pytest.mark.mnist
+def test_shared_mnist_matches_the_published_checksums(mnist_dir):
+    for name, digest in data.MNIST_SHA256.items():
+        assert data._sha256_of_content(data.find_idx_file(mnist_dir, name)) == digest
+
+
+# --- on the device -----------------------------------------------------------------------------
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    a = epoch_order(7, 3, 1000)
+    assert sorted(a.tolist()) == list(range(1000))
+    np.testing.assert_array_equal(a, epoch_order(7, 3, 1000))
+    assert not np.array_equal(a, epoch_order(7, 4, 1000)) and not np.array_equal(a, epoch_order(8, 3, 1000))
+
+
+def test_device_dataset_batches(device, rng):
+    X8, y = rng.integers(0, 256, (50, 12), dtype=np.uint8), rng.integers(0, 10, 50)
+    ds = DeviceDataset(X8, y, device)
+    assert ds.X.dtype == np.uint8 and ds.nbytes == 50 * 12 + 50 * 4
+    order = ds.order(seed=3, epoch=0)
+    np.testing.assert_array_equal(gpunn.to_numpy(order), epoch_order(3, 0, 50))
+    Xb, yb = ds.batch(order[10:20])
+    rows = epoch_order(3, 0, 50)[10:20]
+    np.testing.assert_allclose(gpunn.to_numpy(Xb), X8[rows] / 255, rtol=1e-6)
+    assert gpunn.to_numpy(yb).tolist() == y[rows].tolist() and Xb.dtype == np.float32
+    Xs, ys = ds.batch(slice(45, 50))
+    assert Xs.shape == (5, 12) and gpunn.to_numpy(ys).tolist() == y[45:].tolist()
+    assert float(Xb.min()) >= 0 and float(Xb.max()) <= 1
