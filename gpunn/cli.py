@@ -44,74 +44,82 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
-    d = Config() if with_defaults else None
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every real default; says nothing for options whose default is "none given"."""
 
-    def default(value):
-        return value if with_defaults else argparse.SUPPRESS
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
+    """The flags; with ``with_defaults=False`` only the flags actually given appear in the result."""
+    d = Config()
+
+    def option(*names, default=None, **kwargs):
+        kwargs["default"] = default if with_defaults else argparse.SUPPRESS
+        p.add_argument(*names, **kwargs)
 
     p = _Parser(
         prog=PROG,
         description="Train logistic regression or an MLP on MNIST with mini-batch SGD "
         "(Lindholm et al., Example 6.2), the dataset resident on the device.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=None if with_defaults else argparse.SUPPRESS,
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--device", type=_device_name, default=default("auto"), help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
+    option("--device", type=_device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    option(
         "--data-dir",
-        default=default(None),
-        help="folder with the four MNIST-layout IDX files (.gz or not), read only; "
-        "else $GPUNN_DATA_DIR, else a download into ~/.cache/gpunn/mnist",
+        help="folder with the four MNIST-layout IDX files (.gz or not), only read; "
+        "default: $GPUNN_DATA_DIR, else a download into ~/.cache/gpunn/mnist",
     )
-    p.add_argument(
+    option(
         "--hidden",
         type=int,
         nargs="*",
         metavar="W",
-        default=default(d and d.hidden),
-        help="hidden-layer widths; give --hidden alone for logistic regression (784→10)",
+        default=d.hidden,
+        help="hidden-layer widths; --hidden alone gives logistic regression (784→10)",
     )
-    p.add_argument("--activation", choices=["relu", "sigmoid", "tanh"], default=default(d and d.activation))
-    p.add_argument("--epochs", type=int, default=default(d and d.epochs))
-    p.add_argument("--batch-size", type=int, default=default(d and d.batch_size), help="n_b")
-    p.add_argument("--lr", type=float, default=default(d and d.lr), help="learning rate γ")
-    p.add_argument("--momentum", type=float, default=default(d and d.momentum))
-    p.add_argument("--weight-decay", type=float, default=default(d and d.weight_decay), help="on W only")
-    p.add_argument(
-        "--lr-schedule", choices=["constant", "step", "cosine"], default=default(d and d.lr_schedule)
+    option(
+        "--activation",
+        choices=["relu", "sigmoid", "tanh"],
+        default=d.activation,
+        help="h of the hidden layers",
     )
-    p.add_argument(
+    option("--epochs", type=int, default=d.epochs, help="passes over the training set")
+    option("--batch-size", type=int, default=d.batch_size, help="mini-batch size n_b")
+    option("--lr", type=float, default=d.lr, help="learning rate γ")
+    option("--momentum", type=float, default=d.momentum, help="momentum μ in [0, 1)")
+    option("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay λ, on W only")
+    option(
+        "--lr-schedule",
+        choices=["constant", "step", "cosine"],
+        default=d.lr_schedule,
+        help="how γ changes over the run",
+    )
+    option(
         "--lr-step-epochs",
         type=int,
-        default=default(d and d.lr_step_epochs),
+        default=d.lr_step_epochs,
         help="step schedule: multiply γ by --lr-gamma every this many epochs",
     )
-    p.add_argument("--lr-gamma", type=float, default=default(d and d.lr_gamma))
-    p.add_argument(
+    option("--lr-gamma", type=float, default=d.lr_gamma, help="step schedule factor, in (0, 1]")
+    option(
         "--eval-every",
         type=int,
-        default=default(d and d.eval_every),
+        default=d.eval_every,
         help="iterations between evaluations on the whole validation set",
     )
-    p.add_argument("--seed", type=int, default=default(d and d.seed))
-    p.add_argument("--dtype", choices=["float32", "float64"], default=default(d and d.dtype))
-    p.add_argument(
-        "--num-classes",
-        type=int,
-        default=default(d and d.num_classes),
-        help="M; labels must lie in 0…M−1",
+    option("--seed", type=int, default=d.seed, help="seeds the initial weights and every epoch's order")
+    option("--dtype", choices=["float32", "float64"], default=d.dtype, help="floating-point type")
+    option("--num-classes", type=int, default=d.num_classes, help="M; labels must lie in 0…M−1")
+    option("--out", type=Path, help="run folder; default: a fresh runs/mnist-<date>-<time>")
+    option(
+        "--resume", action="store_true", default=False, help="continue the run in --out from its checkpoint"
     )
-    p.add_argument("--out", type=Path, default=default(None), help="run folder (default: runs/mnist-<time>)")
-    p.add_argument("--resume", action="store_true", default=default(False), help="continue the run in --out")
-    p.add_argument(
-        "--eval-only",
-        type=Path,
-        metavar="CHECKPOINT",
-        default=default(None),
-        help="evaluate a checkpoint on the validation set and exit",
-    )
-    p.add_argument("--no-progress", action="store_true", default=default(False), help="plain output")
+    option("--eval-only", type=Path, metavar="CHECKPOINT", help="evaluate a checkpoint on the validation set")
+    option("--no-progress", action="store_true", default=False, help="plain lines instead of progress bars")
     return p
 
 
@@ -199,7 +207,7 @@ def _run(args, explicit: dict) -> int:
     print(
         f"{PROG}: {net} on {device.description()}: {cfg.epochs} epochs × {per_epoch} iterations, "
         f"n_b={cfg.batch_size}, γ={cfg.lr}; writing to {out}",
-        file=sys.stderr,
+        flush=True,
     )
     stop = _StopFlag()
 
@@ -212,8 +220,9 @@ def _run(args, explicit: dict) -> int:
 
     try:
         with stop:
-            done = fit(net, opt, cfg, train_set, val_set, state, on_eval, on_checkpoint,
-                       progress.step, stop.is_set)  # fmt: skip
+            done = fit(
+                net, opt, cfg, train_set, val_set, state, on_eval, on_checkpoint, progress.step, stop.is_set
+            )
     except DivergenceError as exc:
         progress.close()
         kept = f"{ckpt_path} keeps iteration {_checkpoint_iteration(ckpt_path)}"
@@ -366,8 +375,9 @@ class _Bars:
         self.per_epoch = per_epoch
         epochs = -(-total // per_epoch)
         self.epochs = tqdm(total=epochs, initial=start // per_epoch, desc="epochs", position=0)
-        self.iters = tqdm(total=per_epoch, initial=start % per_epoch, desc="iterations",
-                          position=1, leave=False)  # fmt: skip
+        self.iters = tqdm(
+            total=per_epoch, initial=start % per_epoch, desc="iterations", position=1, leave=False
+        )
 
     def step(self, t: int) -> None:
         self.iters.update()

@@ -28,8 +28,10 @@ import numpy
 from .backend import Device
 from .errors import DataError
 
-SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-          "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}  # fmt: skip
+SPLITS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 # sha256 of the decompressed files (identical to the published MNIST); the .gz wrappers vary by mirror.
 MNIST_SHA256 = {
@@ -223,9 +225,14 @@ def _progress_bar(total, name, enabled):
     from tqdm import tqdm
 
     return tqdm(
-        total=total, desc=f"downloading {name}", unit="B", unit_scale=True, file=sys.stderr,
-        disable=not enabled, leave=False,
-    )  # fmt: skip
+        total=total,
+        desc=f"downloading {name}",
+        unit="B",
+        unit_scale=True,
+        file=sys.stderr,
+        disable=not enabled,
+        leave=False,
+    )
 
 
 # --- on the device -----------------------------------------------------------------------------

@@ -29,8 +29,7 @@ def plot_training_curves(path: Path, batch_loss, batch_error, records: list, tit
     for ax, (label, batch, val, scale) in zip(fig.subplots(1, 2), panels):
         batch = numpy.asarray(batch, dtype=float) * scale
         ax.plot(its, batch, color="tab:blue", lw=0.4, alpha=0.7, label="training mini-batch")
-        ax.plot(val_its, numpy.asarray(val, dtype=float) * scale, color="tab:red", lw=1.6,
-                label="validation")  # fmt: skip
+        ax.plot(val_its, numpy.asarray(val, dtype=float) * scale, color="tab:red", lw=1.6, label="validation")
         if batch.size:
             top = numpy.percentile(batch, 99) * 1.15
             ax.set_ylim(0, max(top, 1e-3 * scale))

@@ -72,7 +72,7 @@ def test_truncated_header_and_broken_gzip(tmp_path):
         load_idx_dataset(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"0" * 100)[:-8])
-    with pytest.raises(gpunn.DataError, match="cannot read .*t10k-labels-idx1-ubyte.gz"):
+    with pytest.raises(gpunn.DataError, match=r"cannot read .*t10k-labels-idx1-ubyte\.gz"):
         load_idx_dataset(tmp_path)
 
 
@@ -129,7 +129,7 @@ def test_flag_then_environment_then_cache(tmp_path, monkeypatch):
     monkeypatch.delenv(data.ENV_DATA_DIR)
     write_dataset(cache / "gpunn" / "mnist", gz=True)  # a filled cache is used without a download
     assert resolve_data_dir(None, progress=False) == cache / "gpunn" / "mnist"
-    with pytest.raises(gpunn.DataError, match="--data-dir .* is not a folder"):
+    with pytest.raises(gpunn.DataError, match=r"--data-dir .* is not a folder"):
         resolve_data_dir(tmp_path / "missing")
 
 

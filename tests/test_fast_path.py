@@ -13,8 +13,15 @@ from gpunn.train import TrainStep
 
 
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
-@pytest.mark.parametrize(("task", "sizes"), [("classification", [6, 5, 4, 3]), ("classification", [6, 3]),
-                                             ("regression", [6, 5, 2]), ("binary", [6, 4, 1])])  # fmt: skip
+@pytest.mark.parametrize(
+    ("task", "sizes"),
+    [
+        ("classification", [6, 5, 4, 3]),
+        ("classification", [6, 3]),
+        ("regression", [6, 5, 2]),
+        ("binary", [6, 4, 1]),
+    ],
+)
 def test_workspace_backprop_equals_reference(device, rng, activation, task, sizes):
     net = gpunn.MLP(sizes, activation, task, device, seed=1, dtype="float64")
     X = rng.standard_normal((9, sizes[0]))
@@ -75,6 +82,6 @@ def test_partial_batch_gets_its_own_workspace(device, rng):
     assert step.workspaces[30].grad is step.workspaces[100].grad
     ref = gpunn.MLP([16, 10], seed=0, dtype="float64")
     gpunn.SGD(ref, lr=0.1).step(gpunn.backprop(ref, X8[:100] / 255, y[:100])[1])
-    J_ref, grads = gpunn.backprop(ref, X8[100:] / 255, y[100:])
+    J_ref, _grads = gpunn.backprop(ref, X8[100:] / 255, y[100:])
     assert float(J) == pytest.approx(float(J_ref), rel=1e-12)
     assert int(errors) == int((gpunn.to_numpy(ref.forward(X8[100:] / 255)).argmax(1) != y[100:]).sum())

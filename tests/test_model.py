@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -16,7 +18,7 @@ def test_parameter_counts_of_example_6_1(device, sizes, count):
     net = gpunn.MLP(sizes, device=device)
     assert net.num_params == count
     assert sum(W.size + b.size for W, b in net.params) == count
-    assert [W.shape for W, _ in net.params] == [(u, p) for p, u in zip(sizes[:-1], sizes[1:])]
+    assert [W.shape for W, _ in net.params] == [(u, p) for p, u in itertools.pairwise(sizes)]
 
 
 def xor_network(device):
@@ -71,7 +73,7 @@ def test_initialisation_scales(rng):
 def test_dtype_flows_through(device, dtype):
     net = gpunn.MLP([3, 4, 2], device=device, dtype=dtype)
     Z = net.forward(np.ones((5, 3)))
-    J, grads = gpunn.backprop(net, np.ones((5, 3)), np.array([0, 1, 0, 1, 1]))
+    _J, grads = gpunn.backprop(net, np.ones((5, 3)), np.array([0, 1, 0, 1, 1]))
     assert Z.dtype == dtype and net.theta.dtype == dtype
     assert all(dW.dtype == dtype and db.dtype == dtype for dW, db in grads)
 

@@ -92,8 +92,17 @@ def test_divergence_keeps_the_last_good_checkpoint(digits, device, tmp_path):
 
     poisoned.t = 0
     with pytest.raises(gpunn.DivergenceError, match="iteration 26 "):
-        fit(net, opt, cfg, train, val, TrainState(), on_step=count, step=poisoned,
-            on_checkpoint=lambda s: save_checkpoint(path, net, opt, cfg, s))  # fmt: skip
+        fit(
+            net,
+            opt,
+            cfg,
+            train,
+            val,
+            TrainState(),
+            on_step=count,
+            step=poisoned,
+            on_checkpoint=lambda s: save_checkpoint(path, net, opt, cfg, s),
+        )
     assert load_checkpoint(path)[2].iteration == 19
 
 
@@ -109,8 +118,17 @@ def test_stop_and_resume_ends_where_an_uninterrupted_run_ends(digits, device, tm
     path = tmp_path / "checkpoint.npz"
     records = []
     stop_at = iter([False] * 23 + [True])  # stop after iteration 24, mid-epoch and mid-block
-    done = fit(net, opt, cfg, train, val, TrainState(), records.append,
-               lambda s: save_checkpoint(path, net, opt, cfg, s), should_stop=lambda: next(stop_at))  # fmt: skip
+    done = fit(
+        net,
+        opt,
+        cfg,
+        train,
+        val,
+        TrainState(),
+        records.append,
+        lambda s: save_checkpoint(path, net, opt, cfg, s),
+        should_stop=lambda: next(stop_at),
+    )
     assert not done
 
     cfg2, arrays, state = load_checkpoint(path)
