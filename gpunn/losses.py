@@ -4,6 +4,8 @@ Normalisation, the same for all three: J is the *mean* over the n_b data points 
 (6.18), never also over outputs or classes, and dZ^(L) is the gradient of that mean, so it carries the
 factor 1/n_b that Algorithm 6.1 applies in lines 18–19. J comes back as a 0-d array on the device of Z
 (``float(J)`` fetches it); dZ has the shape of Z and may be written into the optional buffer ``dZ``.
+``scale`` multiplies dZ^(L) (and so, through (6.27), every gradient) at no extra cost; the training
+step uses it to fold the learning rate into the gradient.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ def _rows(xp, n, rows):
     return xp.arange(n) if rows is None else rows
 
 
-def softmax_cross_entropy(Z, y, dZ=None, rows=None):
+def softmax_cross_entropy(Z, y, dZ=None, rows=None, scale=1.0):
     """M-class classification with integer labels, through softmax (6.15).
 
     J = (1/n_b) Σ_i ( −Z_{i,y_i} + ln Σ_j e^{Z_ij} )         (6.20; Algorithm 6.1 line 12)
@@ -34,11 +36,11 @@ def softmax_cross_entropy(Z, y, dZ=None, rows=None):
     J = (xp.log(total).sum() - S_y.sum()) / n
     S /= total
     S[rows, y] -= 1
-    S *= 1.0 / n
+    S *= scale / n
     return J, S
 
 
-def squared_error(Z, y, dZ=None, rows=None):
+def squared_error(Z, y, dZ=None, rows=None, scale=1.0):
     """Regression: J = (1/n_b) Σ_i ‖y_i − Z_i‖²   (6.19; Algorithm 6.1 line 9)
     dZ = −2 (y − Z) / n_b                                (6.26a; line 10)
 
@@ -48,11 +50,11 @@ def squared_error(Z, y, dZ=None, rows=None):
     n = Z.shape[0]
     R = xp.subtract(Z, y.reshape(Z.shape), out=dZ)
     J = xp.vdot(R, R) / n
-    R *= 2.0 / n
+    R *= 2.0 * scale / n
     return J, R
 
 
-def sigmoid_cross_entropy(Z, y, dZ=None, rows=None):
+def sigmoid_cross_entropy(Z, y, dZ=None, rows=None, scale=1.0):
     """Two classes, with the logistic sigmoid g = σ(z) as the probability of class 1.
 
     J = (1/n_b) Σ_i ( ln(1 + e^{z_i}) − y_i z_i ) = (1/n_b) Σ_i −ln g(±z_i)
@@ -71,7 +73,7 @@ def sigmoid_cross_entropy(Z, y, dZ=None, rows=None):
     G += 1
     G *= 0.5
     G -= y
-    G *= 1.0 / n
+    G *= scale / n
     return J, G
 
 

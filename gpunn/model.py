@@ -218,7 +218,7 @@ class Workspace:
         self.grads = param_views(self.grad, sizes)
 
 
-def backprop(net: MLP, X, y, ws: Workspace | None = None):
+def backprop(net: MLP, X, y, ws: Workspace | None = None, scale=1.0):
     """Algorithm 6.1 on one mini-batch: returns (J, [(dW^(1), db^(1)), …, (dW^(L), db^(L))]).
 
     X (n_b, U_0) inputs, one data point per row; y (n_b,) labels or (n_b,)/(n_b, M) targets. J is the
@@ -227,12 +227,13 @@ def backprop(net: MLP, X, y, ws: Workspace | None = None):
 
     Without ``ws`` every array is freshly allocated. With a Workspace for n_b rows (X and y already on
     the device) nothing is: the gradients are the workspace's ``grads``, overwritten by the next call,
-    and ``ws.grad`` holds them as one θ-shaped vector for the optimizer.
+    and ``ws.grad`` holds them as one θ-shaped vector for the optimizer. ``scale`` multiplies every
+    gradient (it scales dZ^(L), on which all of (6.27) is linear).
     """
     Z = net.forward(X, ws)  # lines 1–6; every layer caches Q^(l-1), Z^(l), Q^(l)
     if ws is None:
         y = net.targets(y, Z.shape[0])
-    J, dQ = LOSSES[net.task](Z, y, *(ws.dZL, ws.rows) if ws else ())  # lines 7–13: J, dZ^(L)
+    J, dQ = LOSSES[net.task](Z, y, *(ws.dZL, ws.rows) if ws else (None, None), scale)  # lines 7–13
     grads = ws.grads if ws else [None] * net.L
     for l in reversed(range(net.L)):  # lines 14–20, for l = L, …, 1
         out = (*grads[l], ws.dQ[l]) if ws else ()

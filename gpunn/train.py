@@ -148,10 +148,14 @@ class TrainStep:
     def __call__(self, rows, lr):
         ws = self.workspace(rows.shape[0])
         X, y = self.data.batch(rows, ws.X, ws.y, ws.staging)
-        J, _ = backprop(self.net, X, y, ws)
-        errors = count_errors(ws.Z[-1], y, self.net.task)
-        self.opt.step(ws.grad, lr)
-        return J, errors
+        opt = self.opt
+        if opt.momentum or opt.weight_decay:
+            J, _ = backprop(self.net, X, y, ws)
+            opt.step(ws.grad, lr)
+        else:  # plain SGD (6.23): backprop yields γ∇J directly, and the update is one subtraction
+            J, _ = backprop(self.net, X, y, ws, scale=lr)
+            self.net.theta -= ws.grad
+        return J, count_errors(ws.Z[-1], y, self.net.task)
 
 
 def evaluate(net: MLP, data: DeviceDataset, workspaces: dict | None = None) -> tuple[float, float]:
