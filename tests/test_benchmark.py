@@ -1,0 +1,46 @@
+"""The benchmark's quick mode runs end to end (its figures are not asserted: timing is not a unit test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_quick_mode(mnist_dir, tmp_path):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        if os.environ.get("GPUNN_REQUIRE_TORCH") == "1":
+            pytest.fail("GPUNN_REQUIRE_TORCH=1 but PyTorch is not installed")
+        pytest.skip("PyTorch (the benchmark's peer, extra 'bench') is not installed")
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_mnist.py"),
+        "--quick",
+        "--models",
+        "784-10",
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(mnist_dir),
+        "--json",
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    model = report["models"]["784-10"]
+    assert set(model["contestants"]) == {"gpunn", "pytorch"}
+    gpunn = model["contestants"]["gpunn"]
+    assert gpunn["median_epoch_s"] > 0 and gpunn["epoch_ratio"] > 0
+    assert gpunn["agreement_first_100_costs"] < 1e-4  # the two did the same work
+    assert abs(gpunn["final_val_error"] - model["contestants"]["pytorch"]["final_val_error"]) < 0.005
+    assert "| 784-10 | gpunn |" in result.stdout
