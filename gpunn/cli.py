@@ -19,6 +19,7 @@ from .backend import get_device, parse_device
 from .data import DeviceDataset, load_idx_dataset, load_split, resolve_data_dir
 from .errors import CheckpointError, DeviceError, DivergenceError, GpunnError
 from .train import (
+    ENGINES,
     Config,
     TrainState,
     build,
@@ -26,6 +27,7 @@ from .train import (
     fit,
     iterations_per_epoch,
     load_checkpoint,
+    make_step,
     restore,
     save_checkpoint,
     write_atomic,
@@ -120,6 +122,12 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     )
     option("--eval-only", type=Path, metavar="CHECKPOINT", help="evaluate a checkpoint on the validation set")
     option("--no-progress", action="store_true", default=False, help="plain lines instead of progress bars")
+    option(
+        "--engine",
+        choices=list(ENGINES),
+        default="xp",
+        help="training step: xp (NumPy/CuPy, the default) or fused (CUDA kernels, not yet verified on a GPU)",
+    )
     return p
 
 
@@ -151,14 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _device(spec: str):
-    """get_device, with its fallback notice printed as one line."""
+def _noticed(f, *args):
+    """f(*args), with any warning it gives printed as one notice line."""
     with warnings.catch_warnings(record=True) as notices:
         warnings.simplefilter("always")
-        device = get_device(spec)
+        result = f(*args)
     for notice in notices:
         print(f"{PROG}: notice: {notice.message}", file=sys.stderr)
-    return device
+    return result
+
+
+def _device(spec: str):
+    return _noticed(get_device, spec)
 
 
 def _config_from_args(args) -> Config:
@@ -210,6 +222,7 @@ def _run(args, explicit: dict) -> int:
         flush=True,
     )
     stop = _StopFlag()
+    step = _noticed(make_step, net, opt, train_set, args.engine)
 
     def on_eval(record):
         metrics.append(record)
@@ -221,7 +234,17 @@ def _run(args, explicit: dict) -> int:
     try:
         with stop:
             done = fit(
-                net, opt, cfg, train_set, val_set, state, on_eval, on_checkpoint, progress.step, stop.is_set
+                net,
+                opt,
+                cfg,
+                train_set,
+                val_set,
+                state,
+                on_eval,
+                on_checkpoint,
+                progress.step,
+                stop.is_set,
+                step,
             )
     except DivergenceError as exc:
         progress.close()

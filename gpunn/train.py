@@ -21,6 +21,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -156,6 +157,29 @@ class TrainStep:
             J, _ = backprop(self.net, X, y, ws, scale=lr)
             self.net.theta -= ws.grad
         return J, count_errors(ws.Z[-1], y, self.net.task)
+
+
+ENGINES = ("xp", "fused")
+
+
+class EngineFallbackWarning(UserWarning):
+    """The asked-for engine cannot run this network here; the xp engine runs instead."""
+
+
+def make_step(net: MLP, opt: SGD, data: DeviceDataset, engine: str = "xp"):
+    """The training step of ``engine``: "xp" (TrainStep, any device) or "fused" (fused.FusedStep: CUDA
+    kernels, classification; not yet verified on a GPU). Falls back to "xp", with a warning, where
+    "fused" cannot run."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose from {list(ENGINES)}")
+    if engine == "fused":
+        from .fused import FusedStep, fused_support
+
+        reason = fused_support(net) if net.device.is_cuda else "the fused kernels need a CUDA device"
+        if reason is None:
+            return FusedStep(net, opt, data)
+        warnings.warn(f"{reason}; training with the xp engine", EngineFallbackWarning, stacklevel=2)
+    return TrainStep(net, opt, data)
 
 
 def evaluate(net: MLP, data: DeviceDataset, workspaces: dict | None = None) -> tuple[float, float]:
