@@ -12,12 +12,13 @@ import json
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
-from .backend import get_device, parse_device
+from .backend import parse_device
+from .commands import Parser, UsageError, no_matplotlib, run_command, with_notices
+from .commands import device as cli_device
 from .data import DeviceDataset, load_idx_dataset, load_split, resolve_data_dir
-from .errors import CheckpointError, DeviceError, DivergenceError, GpunnError
+from .errors import CheckpointError, DeviceError, DivergenceError
 from .train import (
     ENGINES,
     Config,
@@ -37,24 +38,6 @@ PROG = "train_mnist.py"
 RECIPE = [f.name for f in Config.__dataclass_fields__.values()]  # flags --resume must not change
 
 
-class UsageError(GpunnError):
-    """Bad flags: reported like argparse's errors, with exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise UsageError(f"{message} (see --help)")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every real default; says nothing for options whose default is "none given"."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     """The flags; with ``with_defaults=False`` only the flags actually given appear in the result."""
     d = Config()
@@ -63,11 +46,10 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
         kwargs["default"] = default if with_defaults else argparse.SUPPRESS
         p.add_argument(*names, **kwargs)
 
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         description="Train logistic regression or an MLP on MNIST with mini-batch SGD "
         "(Lindholm et al., Example 6.2), the dataset resident on the device.",
-        formatter_class=_HelpFormatter,
     )
     option("--device", type=_device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     option(
@@ -140,48 +122,27 @@ def _device_name(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    return run_command(PROG, _parse, _run, argv)
+
+
+def _parse(argv: list[str]):
+    """The flags, and which of them were given explicitly (so --resume can refuse changes)."""
+    return build_parser().parse_args(argv), vars(build_parser(with_defaults=False).parse_args(argv))
+
+
+def config_from_flags(**values) -> Config:
+    """Config(**values), checked; an impossible value is a UsageError naming its flag."""
     try:
-        args = build_parser().parse_args(argv)
-        explicit = vars(build_parser(with_defaults=False).parse_args(argv))
-        return _eval_only(args) if args.eval_only is not None else _run(args, explicit)
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except GpunnError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except MemoryError as exc:  # CuPy's OutOfMemoryError is one
-        print(f"{PROG}: error: out of memory ({exc}); try a smaller --batch-size", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted before training started; nothing was written", file=sys.stderr)
-        return 130
-
-
-def _noticed(f, *args):
-    """f(*args), with any warning it gives printed as one notice line."""
-    with warnings.catch_warnings(record=True) as notices:
-        warnings.simplefilter("always")
-        result = f(*args)
-    for notice in notices:
-        print(f"{PROG}: notice: {notice.message}", file=sys.stderr)
-    return result
-
-
-def _device(spec: str):
-    return _noticed(get_device, spec)
-
-
-def _config_from_args(args) -> Config:
-    try:
-        return Config(**{name: getattr(args, name) for name in RECIPE}).check()
+        return Config(**values).check()
     except ValueError as exc:  # "batch_size must be …" -> "--batch-size must be …"
         field, _, rest = str(exc).partition(" ")
         raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
 
 
-def _run(args, explicit: dict) -> int:
+def _run(parsed) -> int:
+    args, explicit = parsed
+    if args.eval_only is not None:
+        return _eval_only(args)
     out = args.out or _fresh_run_dir()
     ckpt_path = out / "checkpoint.npz"
     if args.resume:
@@ -196,10 +157,14 @@ def _run(args, explicit: dict) -> int:
         if changed:
             raise UsageError(f"--resume continues the run as configured; drop {', '.join(changed)}")
     else:
-        cfg, arrays, state = _config_from_args(args), None, TrainState()
+        cfg, arrays, state = (
+            config_from_flags(**{name: getattr(args, name) for name in RECIPE}),
+            None,
+            TrainState(),
+        )
         _claim_run_dir(out)
 
-    device = _device(args.device)
+    device = cli_device(PROG, args.device)
     folder = resolve_data_dir(args.data_dir, progress=not args.no_progress)
     train_split, val_split = load_idx_dataset(folder, cfg.num_classes)
     net, opt = build(cfg, train_split.X.shape[1], device)
@@ -222,7 +187,7 @@ def _run(args, explicit: dict) -> int:
         flush=True,
     )
     stop = _StopFlag()
-    step = _noticed(make_step, net, opt, train_set, args.engine)
+    step = with_notices(PROG, make_step, net, opt, train_set, args.engine)
 
     def on_eval(record):
         metrics.append(record)
@@ -270,7 +235,7 @@ def _run(args, explicit: dict) -> int:
 
 def _eval_only(args) -> int:
     cfg, arrays, state = load_checkpoint(args.eval_only)
-    device = _device(args.device)
+    device = cli_device(PROG, args.device)
     folder = resolve_data_dir(args.data_dir, progress=not args.no_progress)
     val = load_split(folder, "val", cfg.num_classes)
     net, opt = build(cfg, val.X.shape[1], device)
@@ -420,10 +385,7 @@ def _plot(out: Path, state: TrainState, records: list, net) -> None:
     try:
         from .plots import plot_training_curves
     except ImportError:
-        print(
-            f"{PROG}: notice: matplotlib is not installed, so no curves.png (pip install 'gpunn[plot]')",
-            file=sys.stderr,
-        )
+        no_matplotlib(PROG, "curves.png")
         return
     title = f"MNIST, {'-'.join(map(str, net.sizes))} {net.activation.name}"
     plot_training_curves(out / "curves.png", state.batch_loss, state.batch_error, records, title)
