@@ -157,13 +157,21 @@ def _run(parsed) -> int:
         if changed:
             raise UsageError(f"--resume continues the run as configured; drop {', '.join(changed)}")
     else:
-        cfg, arrays, state = (
-            config_from_flags(**{name: getattr(args, name) for name in RECIPE}),
-            None,
-            TrainState(),
-        )
+        cfg = config_from_flags(**{name: getattr(args, name) for name in RECIPE})
+        arrays, state = None, TrainState()
+    created = not out.exists()
+    if not args.resume:
         _claim_run_dir(out)
+    try:
+        return _train(args, out, cfg, arrays, state)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves nothing behind
+        raise
 
+
+def _train(args, out: Path, cfg: Config, arrays, state: TrainState) -> int:
+    ckpt_path = out / "checkpoint.npz"
     device = cli_device(PROG, args.device)
     folder = resolve_data_dir(args.data_dir, progress=not args.no_progress)
     train_split, val_split = load_idx_dataset(folder, cfg.num_classes)

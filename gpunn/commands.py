@@ -5,12 +5,13 @@
 
 A problem the user can cause ends in one line on stderr, ``PROG: error: …``, and exit status 2 for bad
 flags (UsageError), 1 for the rest (any GpunnError, a file-system error, running out of memory) and 130
-for Ctrl-C outside training; warnings become ``PROG: notice: …`` lines.
+for Ctrl-C outside training (143 for SIGTERM); warnings become ``PROG: notice: …`` lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -43,9 +44,22 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt (the trainer catches both during training)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 def run_command(prog: str, parse: Callable, run: Callable[..., int], argv: list[str] | None = None) -> int:
-    """``run(parse(argv))`` with every error a user can cause turned into one line and an exit status."""
+    """``run(parse(argv))`` with every error a user can cause turned into one line and an exit status.
+
+    SIGTERM stops the command like Ctrl-C (exit 143), also where Python runs as PID 1 in a container and
+    would otherwise ignore it.
+    """
     argv = sys.argv[1:] if argv is None else argv
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return run(parse(argv))
     except UsageError as exc:
@@ -60,9 +74,11 @@ def run_command(prog: str, parse: Callable, run: Callable[..., int], argv: list[
     except OSError as exc:  # a full disk, a folder that vanished
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def with_notices(prog: str, f: Callable, *args, **kwargs):

@@ -183,7 +183,7 @@ def test_bad_data(data, tmp_path, case):
     damage, phrases = DAMAGE[case]
     damage(data)
     assert_one_line_error(run(*SMALL, "--data-dir", data, "--out", tmp_path / "o"), 1, *phrases)
-    assert not (tmp_path / "o" / "checkpoint.npz").exists()
+    assert not (tmp_path / "o").exists()  # a run that failed before writing anything leaves nothing
 
 
 def test_missing_data_dir(tmp_path):
@@ -197,6 +197,7 @@ def test_cuda_without_a_gpu(data, tmp_path):
     if result.returncode == 0:
         pytest.skip("a GPU answered here, so the no-GPU error cannot be provoked")
     assert_one_line_error(result, 1)
+    assert not (tmp_path / "o").exists()
     assert "CuPy" in result.stderr and ("gpunn[cuda12]" in result.stderr or "GPU" in result.stderr)
 
 
