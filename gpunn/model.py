@@ -201,19 +201,24 @@ class Workspace:
     each layer (Q[L-1] is None: the last layer has no h), dQ[l] (n, U_l) for l ≥ 1 (dZ overwrites it
     in place), dZ^(L), y (n,), ``rows`` = arange(n), and the gradient as one θ-shaped vector ``grad``
     with the per-layer views ``grads``. Pass ``grad`` to share one gradient buffer between workspaces.
+
+    ``forward_only=True`` (evaluation) allocates no gradients and lets h overwrite Z in place.
     """
 
-    def __init__(self, net: MLP, n: int, grad=None):
+    def __init__(self, net: MLP, n: int, grad=None, forward_only: bool = False):
         xp, dtype, sizes = net.xp, net.dtype, net.sizes
         self.n = n
         self.X = xp.empty((n, sizes[0]), dtype=dtype)
         self.staging = xp.empty((n, sizes[0]), dtype=numpy.uint8)
         self.y = xp.empty(n, dtype=numpy.int32)
         self.Z = [xp.empty((n, u), dtype=dtype) for u in sizes[1:]]
-        self.Q = [xp.empty((n, u), dtype=dtype) for u in sizes[1:-1]] + [None]
-        self.dQ = [None] + [xp.empty((n, u), dtype=dtype) for u in sizes[1:-1]]
         self.dZL = xp.empty((n, sizes[-1]), dtype=dtype)
         self.rows = xp.arange(n)
+        if forward_only:
+            self.Q, self.dQ, self.grad, self.grads = [*self.Z[:-1], None], None, None, None
+            return
+        self.Q = [xp.empty((n, u), dtype=dtype) for u in sizes[1:-1]] + [None]
+        self.dQ = [None] + [xp.empty((n, u), dtype=dtype) for u in sizes[1:-1]]
         self.grad = xp.empty_like(net.theta) if grad is None else grad
         self.grads = param_views(self.grad, sizes)
 

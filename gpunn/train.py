@@ -191,7 +191,7 @@ def evaluate(net: MLP, data: DeviceDataset, workspaces: dict | None = None) -> t
     for start in range(0, data.n, EVAL_CHUNK):
         rows = slice(start, min(data.n, start + EVAL_CHUNK))
         m = rows.stop - rows.start
-        ws = workspaces.get(m) or workspaces.setdefault(m, Workspace(net, m))
+        ws = workspaces.get(m) or workspaces.setdefault(m, Workspace(net, m, forward_only=True))
         X, y = data.batch(rows, ws.X, ws.y)
         Z = net.forward(X, ws)
         J, _ = LOSSES[net.task](Z, y, ws.dZL, ws.rows)

@@ -15,20 +15,21 @@ from gpunn.data import SPLITS, find_idx_file
 from helpers import make_digits, write_idx
 
 
+def _cuda_or_skip() -> gpunn.Device:
+    try:
+        return gpunn.get_device("cuda")
+    except gpunn.DeviceError as exc:
+        pytest.skip(f"no CUDA device here: {str(exc).split(';')[0]}")
+
+
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request) -> gpunn.Device:
-    try:
-        return gpunn.get_device(request.param)
-    except gpunn.DeviceError as exc:
-        pytest.skip(f"no CUDA device here: {exc}")
+    return gpunn.get_device("cpu") if request.param == "cpu" else _cuda_or_skip()
 
 
 @pytest.fixture
 def cuda_device() -> gpunn.Device:
-    try:
-        return gpunn.get_device("cuda")
-    except gpunn.DeviceError as exc:
-        pytest.skip(f"no CUDA device here: {exc}")
+    return _cuda_or_skip()
 
 
 @pytest.fixture(scope="session")
