@@ -34,9 +34,8 @@ def softmax_cross_entropy(Z, y, dZ=None, rows=None, scale=1.0):
     xp.exp(S, out=S)
     total = S.sum(axis=1, keepdims=True)  # in [1, M]: its log is safe
     J = (xp.log(total).sum() - S_y.sum()) / n
-    S /= total
-    S[rows, y] -= 1
-    S *= scale / n
+    S *= xp.divide(scale / n, total, out=total)  # softmax and the 1/n_b in one pass
+    S[rows, y] -= scale / n
     return J, S
 
 

@@ -39,7 +39,7 @@ from .optim import SCHEDULES, SGD, Schedule
 CHECKPOINT_FORMAT = "gpunn-checkpoint-1"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
-EVAL_CHUNK = 2000
+EVAL_CHUNK = 1000
 
 
 @dataclasses.dataclass
