@@ -147,7 +147,7 @@ class TorchRun:
 
     def epoch(self, e):
         torch, F = self.torch, self.torch.nn.functional
-        order = torch.from_numpy(epoch_order(self.seed, e, self.Xtr.shape[0])).to(self.dev)
+        order = torch.from_numpy(epoch_order(self.seed, e, self.Xtr.shape[0], 100)).to(self.dev)
         for i in range(0, order.shape[0], 100):
             rows = order[i : i + 100]
             X = self.Xtr.index_select(0, rows).float().mul_(1 / 255)

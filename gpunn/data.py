@@ -238,10 +238,20 @@ def _progress_bar(total, name, enabled):
 # --- on the device -----------------------------------------------------------------------------
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> numpy.ndarray:
-    """The permutation of 0…n−1 that epoch ``epoch`` visits: a function of (seed, epoch) alone, drawn
-    on the host, so every device and every resumed run sees the same order."""
-    return numpy.random.default_rng((int(seed), int(epoch))).permutation(n)
+def epoch_order(seed: int, epoch: int, n: int, batch_size: int | None = None) -> numpy.ndarray:
+    """The permutation of 0…n−1 that epoch ``epoch`` visits: a function of its arguments alone, drawn
+    on the host, so every device and every resumed run sees the same order.
+
+    With ``batch_size``, each consecutive slice of ``batch_size`` (one mini-batch) is sorted: the
+    mini-batches are the same sets, and gathering each in address order is faster (about 5 % of a
+    step here); the order of rows inside a mini-batch changes neither J nor ∇J, sums over rows.
+    """
+    order = numpy.random.default_rng((int(seed), int(epoch))).permutation(n)
+    if batch_size:
+        full = n - n % batch_size
+        order[:full].reshape(-1, batch_size).sort(axis=1)
+        order[full:].sort()
+    return order
 
 
 class DeviceDataset:
@@ -261,9 +271,9 @@ class DeviceDataset:
     def nbytes(self) -> int:
         return int(self.X.nbytes + self.y.nbytes)
 
-    def order(self, seed: int, epoch: int):
+    def order(self, seed: int, epoch: int, batch_size: int | None = None):
         """This epoch's permutation (see ``epoch_order``), copied to the device once per epoch."""
-        return self.device.asarray(epoch_order(seed, epoch, self.n))
+        return self.device.asarray(epoch_order(seed, epoch, self.n, batch_size))
 
     def batch(self, rows, X=None, y=None, staging=None):
         """The mini-batch at ``rows`` (an index array or slice on the device): X (n_b, p) in [0, 1]

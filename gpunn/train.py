@@ -286,7 +286,7 @@ def fit(
     started = time.perf_counter()
     while t < total:
         epoch, first = divmod(t, per_epoch)
-        order = train_set.order(cfg.seed, epoch)
+        order = train_set.order(cfg.seed, epoch, nb)
         for i in range(first, per_epoch):
             rows = order[i * nb : (i + 1) * nb]
             J, errors = step(rows, schedule(t))

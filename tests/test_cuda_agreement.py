@@ -187,12 +187,12 @@ def test_same_initial_parameters(cuda_device, dtype):
 def test_same_data_order_and_mini_batches(cuda_device, digits, seed, epoch):
     split = digits[0]
     cpu_set, gpu_set = DeviceDataset(split.X, split.y, CPU), DeviceDataset(split.X, split.y, cuda_device)
-    want = epoch_order(seed, epoch, split.X.shape[0])
-    gpu_order = gpu_set.order(seed, epoch)
+    want = epoch_order(seed, epoch, split.X.shape[0], 100)
+    gpu_order = gpu_set.order(seed, epoch, 100)
     assert is_device_array(gpu_order)
     np.testing.assert_array_equal(gpunn.to_numpy(gpu_order), want)
-    np.testing.assert_array_equal(cpu_set.order(seed, epoch), want)
-    Xc, yc = cpu_set.batch(cpu_set.order(seed, epoch)[:100])
+    np.testing.assert_array_equal(cpu_set.order(seed, epoch, 100), want)
+    Xc, yc = cpu_set.batch(cpu_set.order(seed, epoch, 100)[:100])
     Xg, yg = gpu_set.batch(gpu_order[:100])
     np.testing.assert_array_equal(gpunn.to_numpy(Xg), Xc)
     np.testing.assert_array_equal(gpunn.to_numpy(yg), yc)

@@ -199,6 +199,9 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert sorted(a.tolist()) == list(range(1000))
     np.testing.assert_array_equal(a, epoch_order(7, 3, 1000))
     assert not np.array_equal(a, epoch_order(7, 4, 1000)) and not np.array_equal(a, epoch_order(8, 3, 1000))
+    batched = epoch_order(7, 3, 1000, batch_size=64)  # the same mini-batches, each sorted
+    for start in range(0, 1000, 64):
+        assert batched[start : start + 64].tolist() == sorted(a[start : start + 64].tolist())
 
 
 def test_device_dataset_batches(device, rng):

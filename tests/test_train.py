@@ -65,7 +65,7 @@ def test_every_row_is_visited_once_per_epoch_and_the_last_partial_batch_is_kept(
     assert [len(r) for r in seen[:19]] == [64] * 18 + [48]
     for epoch in range(2):
         rows = np.concatenate(seen[19 * epoch : 19 * (epoch + 1)])
-        np.testing.assert_array_equal(rows, gpunn.data.epoch_order(cfg.seed, epoch, 1200))
+        np.testing.assert_array_equal(rows, gpunn.data.epoch_order(cfg.seed, epoch, 1200, 64))
 
 
 def test_divergence_names_iteration_and_rate(digits, device):
