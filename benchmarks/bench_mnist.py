@@ -6,7 +6,8 @@
 The work is the lecture's recipe — 784-200-10 ReLU and 784→10, SGD γ = 0.5, n_b = 100, the real MNIST,
 the whole validation set every 100 iterations — and it is identical for both frameworks: the same
 initial weights (gpunn's, copied into PyTorch), the same per-epoch permutations (gpunn.data.epoch_order),
-the same evaluation points and chunking, float32, TF32 off on both.
+the same evaluation points and chunking, the same per-iteration records (mini-batch cost and
+misclassification, kept on the device), float32, TF32 off on both.
 
 How the figures are made honest: one warm-up epoch of each before any timing; the device is
 synchronised before and after every timed epoch; each framework runs whole epochs (never interleaved
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpunn
 from gpunn.data import DeviceDataset, epoch_order, load_idx_dataset, resolve_data_dir
 from gpunn.model import init_theta, param_views
-from gpunn.train import Config, TrainState, build, fit, make_step
+from gpunn.train import EVAL_CHUNK, Config, TrainState, build, fit, make_step
 
 MODELS = {"784-200-10": [200], "784-10": []}
 PAUSE_S = 0.2  # between blocks, so the other framework's idle threads stop spinning before timing
@@ -98,7 +99,7 @@ class TorchRun:
 
     name = "pytorch"
 
-    def __init__(self, device, train, val, hidden, seed):
+    def __init__(self, device, train, val, hidden, seed, epochs):
         import torch
 
         self.torch = torch
@@ -107,6 +108,7 @@ class TorchRun:
         torch.set_float32_matmul_precision("highest")
         self.dev = torch.device("cpu" if not device.is_cuda else f"cuda:{device.index}")
         self.hidden, self.seed = hidden, seed
+        self.iterations = max(1, epochs) * -(-train.X.shape[0] // 100)
         t0 = time.perf_counter()
         self.Xtr = torch.from_numpy(np.array(train.X)).to(self.dev)  # a writable copy, as torch wants
         self.ytr = torch.from_numpy(train.y.astype(np.int64)).to(self.dev)
@@ -128,7 +130,8 @@ class TorchRun:
             layers += [lin] + ([torch.nn.ReLU()] if l < len(sizes) - 2 else [])
         self.model = torch.nn.Sequential(*layers).to(self.dev)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.5)
-        self.loss_hist = torch.zeros(9000 * 2, device=self.dev)
+        self.loss_hist = torch.zeros(self.iterations, device=self.dev)
+        self.error_hist = torch.zeros(self.iterations, device=self.dev, dtype=torch.int64)
         self.t = 0
         self.records = []
 
@@ -137,9 +140,9 @@ class TorchRun:
         cost = torch.zeros((), device=self.dev, dtype=torch.float64)
         errors = torch.zeros((), device=self.dev, dtype=torch.int64)
         with torch.no_grad():
-            for s in range(0, self.Xva.shape[0], 2000):
-                X = self.Xva[s : s + 2000].float().mul_(1 / 255)
-                y = self.yva[s : s + 2000]
+            for s in range(0, self.Xva.shape[0], EVAL_CHUNK):  # gpunn's chunks
+                X = self.Xva[s : s + EVAL_CHUNK].float().mul_(1 / 255)
+                y = self.yva[s : s + EVAL_CHUNK]
                 Z = self.model(X)
                 cost += torch.nn.functional.cross_entropy(Z, y, reduction="sum")
                 errors += (Z.argmax(1) != y).sum()
@@ -151,11 +154,14 @@ class TorchRun:
         for i in range(0, order.shape[0], 100):
             rows = order[i : i + 100]
             X = self.Xtr.index_select(0, rows).float().mul_(1 / 255)
-            loss = F.cross_entropy(self.model(X), self.ytr.index_select(0, rows))
+            y = self.ytr.index_select(0, rows)
+            Z = self.model(X)
+            loss = F.cross_entropy(Z, y)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-            self.loss_hist[self.t] = loss.detach()
+            self.loss_hist[self.t] = loss.detach()  # the lecture's blue curves: cost and errors
+            self.error_hist[self.t] = (Z.detach().argmax(1) != y).sum()
             self.t += 1
             if self.t % 100 == 0:
                 self.records.append(self.evaluate())
@@ -365,7 +371,7 @@ def main(argv=None) -> int:
     for model in args.models:
         hidden = MODELS[model]
         log(f"{model} on {device.description()}: {args.repeats} runs × {args.epochs} epochs each")
-        peer = TorchRun(device, train, val, hidden, seed=0)
+        peer = TorchRun(device, train, val, hidden, 0, args.epochs)
         runs = [GpunnRun(device, train, val, hidden, 0, engine) for engine in engines] + [peer]
         result = {"contestants": measure_model(runs, args.epochs, args.repeats, log)}
         flops = matmul_flops(hidden, epochs=args.epochs)
