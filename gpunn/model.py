@@ -245,3 +245,18 @@ def backprop(net: MLP, X, y, ws: Workspace | None = None, scale=1.0):
         dQ, dW, db = net.layers[l].backward(dQ, *out, need_dQ_prev=l > 0, inplace=ws is not None)
         grads[l] = (dW, db)
     return J, grads
+
+
+def sgd_step(net: MLP, ws: Workspace, y, lr):
+    """One plain-SGD iteration (6.23) on the mini-batch in ``ws.X``, with the update folded into
+    Algorithm 6.1's backward pass: γ rides in dZ^(L) (every gradient is linear in it), and each layer
+    applies W ← W − dZᵀQ^(l-1), b ← b − Σ_i dZ_i as soon as it has dZ, by one BLAS call that never
+    writes the gradient out (blas.gemm_accumulate). The same update as backprop + SGD.step, in fewer
+    passes over memory. Returns the mini-batch cost J (before the update)."""
+    Z = net.forward(ws.X, ws)
+    J, dQ = LOSSES[net.task](Z, y, ws.dZL, ws.rows, lr)
+    for l in reversed(range(net.L)):
+        dQ, _, _ = net.layers[l].backward(
+            dQ, dQ_prev=ws.dQ[l], need_dQ_prev=l > 0, inplace=True, descend=True
+        )
+    return J

@@ -28,12 +28,13 @@ from pathlib import Path
 
 import numpy
 
+from . import blas
 from .backend import Device, to_numpy
 from .data import DeviceDataset
 from .errors import CheckpointError, DivergenceError
 from .layers import ACTIVATIONS
 from .losses import LOSSES, count_errors
-from .model import DTYPES, MLP, Workspace, backprop
+from .model import DTYPES, MLP, Workspace, backprop, sgd_step
 from .optim import SCHEDULES, SGD, Schedule
 
 CHECKPOINT_FORMAT = "gpunn-checkpoint-1"
@@ -136,10 +137,12 @@ class TrainStep:
     gradient vector.
     """
 
-    def __init__(self, net: MLP, opt: SGD, data: DeviceDataset):
+    def __init__(self, net: MLP, opt: SGD, data: DeviceDataset, fold_update: bool | None = None):
         self.net, self.opt, self.data = net, opt, data
         self.grad = net.xp.empty_like(net.theta)
         self.workspaces: dict[int, Workspace] = {}
+        # On the CPU with a BLAS to call, plain SGD is folded into the backward pass (model.sgd_step).
+        self.fold_update = not net.device.is_cuda and blas.available() if fold_update is None else fold_update
 
     def workspace(self, n: int) -> Workspace:
         if n not in self.workspaces:
@@ -149,14 +152,16 @@ class TrainStep:
     def __call__(self, rows, lr):
         ws = self.workspace(rows.shape[0])
         X, y = self.data.batch(rows, ws.X, ws.y, ws.staging)
-        opt = self.opt
+        net, opt = self.net, self.opt
         if opt.momentum or opt.weight_decay:
-            J, _ = backprop(self.net, X, y, ws)
+            J, _ = backprop(net, X, y, ws)
             opt.step(ws.grad, lr)
+        elif self.fold_update:  # plain SGD folded into backprop's BLAS calls (model.sgd_step)
+            J = sgd_step(net, ws, y, lr)
         else:  # plain SGD (6.23): backprop yields γ∇J directly, and the update is one subtraction
-            J, _ = backprop(self.net, X, y, ws, scale=lr)
-            self.net.theta -= ws.grad
-        return J, count_errors(ws.Z[-1], y, self.net.task)
+            J, _ = backprop(net, X, y, ws, scale=lr)
+            net.theta -= ws.grad
+        return J, count_errors(ws.Z[-1], y, net.task)
 
 
 ENGINES = ("xp", "fused")
