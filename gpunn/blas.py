@@ -118,8 +118,13 @@ def available() -> bool:
     return _gemm is not None
 
 
+SMALL = 1 << 20  # multiply-adds under which the ~15 µs of a ctypes call outweigh the saved pass
+
+
 def gemm_accumulate(A, B, C, alpha: float) -> None:
     """C ← C + alpha·A·B in place, A (m, k), B (k, n), C (m, n), NumPy arrays of one float type, each
-    C- or Fortran-ordered (transposed views included). Falls back to two passes where BLAS cannot."""
-    if not (available() and isinstance(C, numpy.ndarray) and _call(_gemm, A, B, C, alpha)):
+    C- or Fortran-ordered (transposed views included). Small products, and anything BLAS cannot take,
+    use two passes."""
+    big = A.shape[0] * A.shape[1] * B.shape[1] >= SMALL
+    if not (big and available() and isinstance(C, numpy.ndarray) and _call(_gemm, A, B, C, alpha)):
         C += alpha * (A @ B)

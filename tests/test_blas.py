@@ -15,7 +15,8 @@ def test_numpy_blas_is_found_here():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["CCC", "FCC", "CFC", "CCF", "FFF"])
-def test_gemm_accumulate_matches_numpy(rng, dtype, layout):
+def test_gemm_accumulate_matches_numpy(rng, dtype, layout, monkeypatch):
+    monkeypatch.setattr(blas, "SMALL", 0)  # take the BLAS call even for these small matrices
     A = rng.standard_normal((7, 5)).astype(dtype)
     B = rng.standard_normal((5, 9)).astype(dtype)
     C = rng.standard_normal((7, 9)).astype(dtype)
@@ -25,7 +26,8 @@ def test_gemm_accumulate_matches_numpy(rng, dtype, layout):
     np.testing.assert_allclose(C, want, rtol=1e-5 if dtype == np.float32 else 1e-12)
 
 
-def test_transposed_views_as_backprop_passes_them(rng):
+def test_transposed_views_as_backprop_passes_them(rng, monkeypatch):
+    monkeypatch.setattr(blas, "SMALL", 0)
     dZ = rng.standard_normal((100, 20)).astype(np.float32)  # (n, U)
     Q = rng.standard_normal((100, 30)).astype(np.float32)  # (n, U_prev)
     W = np.asfortranarray(rng.standard_normal((20, 30)).astype(np.float32))  # a column-major W view
@@ -35,6 +37,7 @@ def test_transposed_views_as_backprop_passes_them(rng):
 
 
 def test_falls_back_where_blas_cannot(rng, monkeypatch):
+    monkeypatch.setattr(blas, "SMALL", 0)
     A, B = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
     C = rng.standard_normal((3, 2))
     strided = np.zeros((3, 4))[:, ::2]  # neither C- nor Fortran-ordered
