@@ -27,15 +27,16 @@ def softmax_cross_entropy(Z, y, dZ=None, rows=None, scale=1.0):
     Z (n_b, M) logits; y (n_b,) integer labels in 0…M−1; ``rows`` an optional cached arange(n_b).
     """
     xp = get_array_module(Z)
-    n = Z.shape[0]
-    rows = _rows(xp, n, rows)
+    n, M = Z.shape
+    picked = _rows(xp, n, rows) * M + y  # the entries (i, y_i) of the flattened rows
     S = xp.subtract(Z, Z.max(axis=1, keepdims=True), out=dZ)  # every S_ij <= 0
-    S_y = S[rows, y]
+    flat = S.reshape(-1)
+    S_y = flat.take(picked)
     xp.exp(S, out=S)
     total = S.sum(axis=1, keepdims=True)  # in [1, M]: its log is safe
     J = (xp.log(total).sum() - S_y.sum()) / n
     S *= xp.divide(scale / n, total, out=total)  # softmax and the 1/n_b in one pass
-    S[rows, y] -= scale / n
+    flat[picked] -= scale / n
     return J, S
 
 
@@ -86,7 +87,7 @@ LOSSES = {
 def count_errors(Z, y, task: str):
     """Number of misclassified rows of the mini-batch as a 0-d device array (None for regression)."""
     if task == "classification":
-        return (Z.argmax(axis=1) != y).sum()
+        return get_array_module(Z).count_nonzero(Z.argmax(axis=1) != y)
     if task == "binary":
         return ((Z[:, 0] > 0) != (y > 0.5)).sum()
     return None
