@@ -29,7 +29,8 @@ class Activation:
     """An element-wise h with its derivative, written through what forward has cached.
 
     ``backward`` receives Z and Q = h(Z) and uses whichever gives h'(Z) without evaluating h again:
-    ReLU reads Z, the logistic sigmoid and tanh read Q.
+    ReLU reads the sign of Z, the logistic sigmoid and tanh read Q. Both survive h running in place
+    (Z and Q one array, as in a Workspace): max(0, z) keeps the sign that matters.
     """
 
     name = "identity"

@@ -17,14 +17,15 @@ def _rows(xp, n, rows):
     return xp.arange(n) if rows is None else rows
 
 
-def softmax_cross_entropy(Z, y, dZ=None, rows=None, scale=1.0):
+def softmax_cross_entropy(Z, y, dZ=None, rows=None, scale=1.0, grad=True):
     """M-class classification with integer labels, through softmax (6.15).
 
     J = (1/n_b) Σ_i ( −Z_{i,y_i} + ln Σ_j e^{Z_ij} )         (6.20; Algorithm 6.1 line 12)
     dZ_ij = ( softmax(Z_i)_j − 1{y_i = j} ) / n_b          (6.26b; line 13)
 
     The log-sum-exp subtracts each row's maximum first, so logits of any size stay finite.
-    Z (n_b, M) logits; y (n_b,) integer labels in 0…M−1; ``rows`` an optional cached arange(n_b).
+    Z (n_b, M) logits; y (n_b,) integer labels in 0…M−1; ``rows`` an optional cached arange(n_b);
+    ``grad=False`` returns (J, None) and skips dZ.
     """
     xp = get_array_module(Z)
     n, M = Z.shape
@@ -35,12 +36,14 @@ def softmax_cross_entropy(Z, y, dZ=None, rows=None, scale=1.0):
     xp.exp(S, out=S)
     total = S.sum(axis=1, keepdims=True)  # in [1, M]: its log is safe
     J = (xp.log(total).sum() - S_y.sum()) / n
+    if not grad:  # the cost alone (evaluation); dZ then holds scratch
+        return J, None
     S *= xp.divide(scale / n, total, out=total)  # softmax and the 1/n_b in one pass
     flat[picked] -= scale / n
     return J, S
 
 
-def squared_error(Z, y, dZ=None, rows=None, scale=1.0):
+def squared_error(Z, y, dZ=None, rows=None, scale=1.0, grad=True):
     """Regression: J = (1/n_b) Σ_i ‖y_i − Z_i‖²   (6.19; Algorithm 6.1 line 9)
     dZ = −2 (y − Z) / n_b                                (6.26a; line 10)
 
@@ -54,7 +57,7 @@ def squared_error(Z, y, dZ=None, rows=None, scale=1.0):
     return J, R
 
 
-def sigmoid_cross_entropy(Z, y, dZ=None, rows=None, scale=1.0):
+def sigmoid_cross_entropy(Z, y, dZ=None, rows=None, scale=1.0, grad=True):
     """Two classes, with the logistic sigmoid g = σ(z) as the probability of class 1.
 
     J = (1/n_b) Σ_i ( ln(1 + e^{z_i}) − y_i z_i ) = (1/n_b) Σ_i −ln g(±z_i)

@@ -199,7 +199,7 @@ def evaluate(net: MLP, data: DeviceDataset, workspaces: dict | None = None) -> t
         ws = workspaces.get(m) or workspaces.setdefault(m, Workspace(net, m, forward_only=True))
         X, y = data.batch(rows, ws.X, ws.y)
         Z = net.forward(X, ws)
-        J, _ = LOSSES[net.task](Z, y, ws.dZL, ws.rows)
+        J, _ = LOSSES[net.task](Z, y, ws.dZL, ws.rows, grad=False)
         total_cost += J * m
         total_errors += count_errors(Z, y, net.task)
     return float(total_cost) / data.n, float(total_errors) / data.n
