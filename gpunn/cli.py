@@ -213,11 +213,11 @@ def _train(args, out: Path, cfg: Config, arrays, state: TrainState) -> int:
                 train_set,
                 val_set,
                 state,
-                on_eval,
-                on_checkpoint,
-                progress.step,
-                stop.is_set,
-                step,
+                on_eval=on_eval,
+                on_checkpoint=on_checkpoint,
+                on_step=progress.step,
+                should_stop=stop.is_set,
+                step=step,
             )
     except DivergenceError as exc:
         progress.close()

@@ -6,9 +6,8 @@
 
 Parameters live in one flat vector ``net.theta`` laid out as (6.17),
 θ = [vec(W^(1))ᵀ b^(1)ᵀ … vec(W^(L))ᵀ b^(L)ᵀ]ᵀ, with vec stacking columns as in the book. Each W^(l) is a
-view of shape (U_l, U_{l-1}) into it (column-major in memory, which is also the order in which BLAS
-reads Wᵀ fastest here), so writing into ``net.params`` arrays changes the network, and an optimizer
-can update every parameter in one pass.
+view of shape (U_l, U_{l-1}) into it (column-major in memory, as vec() lays it out), so writing into
+``net.params`` arrays changes the network, and an optimizer can update every parameter in one pass.
 """
 
 from __future__ import annotations
@@ -239,12 +238,12 @@ def backprop(net: MLP, X, y, ws: Workspace | None = None, scale=1.0):
     if ws is None:
         y = net.targets(y, Z.shape[0])
     J, dQ = LOSSES[net.task](Z, y, *(ws.dZL, ws.rows) if ws else (None, None), scale)  # lines 7–13
-    grads = ws.grads if ws else [None] * net.L
+    grads = [None] * net.L
     for l in reversed(range(net.L)):  # lines 14–20, for l = L, …, 1
-        out = (*grads[l], ws.dQ[l]) if ws else ()
+        out = (*ws.grads[l], ws.dQ[l]) if ws else ()
         dQ, dW, db = net.layers[l].backward(dQ, *out, need_dQ_prev=l > 0, inplace=ws is not None)
         grads[l] = (dW, db)
-    return J, grads
+    return J, ws.grads if ws else grads
 
 
 def sgd_step(net: MLP, ws: Workspace, y, lr):

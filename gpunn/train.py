@@ -132,7 +132,7 @@ def build(cfg: Config, inputs: int, device: Device) -> tuple[MLP, SGD]:
 class TrainStep:
     """One SGD iteration on rows of a DeviceDataset: gather, Algorithm 6.1, update; nothing allocated.
 
-    Returns the mini-batch cost J and its number of misclassified rows as 0-d device arrays. One
+    Returns the mini-batch cost J and its number of misclassified rows as device scalars. One
     Workspace per mini-batch size (the full one, and the last partial batch if any), sharing one
     gradient vector.
     """
@@ -142,7 +142,9 @@ class TrainStep:
         self.grad = net.xp.empty_like(net.theta)
         self.workspaces: dict[int, Workspace] = {}
         # On the CPU with a BLAS to call, plain SGD is folded into the backward pass (model.sgd_step).
-        self.fold_update = not net.device.is_cuda and blas.available() if fold_update is None else fold_update
+        if fold_update is None:
+            fold_update = not net.device.is_cuda and blas.available()
+        self.fold_update = fold_update
 
     def workspace(self, n: int) -> Workspace:
         if n not in self.workspaces:
