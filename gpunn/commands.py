@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -59,7 +60,8 @@ def run_command(prog: str, parse: Callable, run: Callable[..., int], argv: list[
     would otherwise ignore it.
     """
     argv = sys.argv[1:] if argv is None else argv
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals are the main thread's
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         return run(parse(argv))
     except UsageError as exc:
@@ -78,7 +80,8 @@ def run_command(prog: str, parse: Callable, run: Callable[..., int], argv: list[
         print(f"{prog}: interrupted", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def with_notices(prog: str, f: Callable, *args, **kwargs):
