@@ -188,12 +188,12 @@ def _train(args, out: Path, cfg: Config, arrays, state: TrainState) -> int:
     metrics = _MetricsLog(out / "metrics.jsonl", keep_until=state.iteration)
     per_epoch = iterations_per_epoch(train_set.n, cfg.batch_size)
     total = cfg.epochs * per_epoch
-    progress = _progress(args, total, per_epoch, state.iteration)
     print(
         f"{PROG}: {net} on {device.description()}: {cfg.epochs} epochs × {per_epoch} iterations, "
         f"n_b={cfg.batch_size}, γ={cfg.lr}; writing to {out}",
         flush=True,
     )
+    progress = _progress(args, total, per_epoch, state.iteration)
     stop = _StopFlag()
     step = with_notices(PROG, make_step, net, opt, train_set, args.engine)
 
