@@ -14,11 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from .backend import parse_device
-from .commands import Parser, UsageError, no_matplotlib, run_command, with_notices
+from .commands import Parser, UsageError, device_name, no_matplotlib, run_command, with_notices
 from .commands import device as cli_device
 from .data import DeviceDataset, load_idx_dataset, load_split, resolve_data_dir
-from .errors import CheckpointError, DeviceError, DivergenceError
+from .errors import CheckpointError, DivergenceError
 from .train import (
     ENGINES,
     Config,
@@ -51,7 +50,7 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
         description="Train logistic regression or an MLP on MNIST with mini-batch SGD "
         "(Lindholm et al., Example 6.2), the dataset resident on the device.",
     )
-    option("--device", type=_device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    option("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     option(
         "--data-dir",
         help="folder with the four MNIST-layout IDX files (.gz or not), only read; "
@@ -111,14 +110,6 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
         help="training step: xp (NumPy/CuPy, the default) or fused (CUDA kernels, not yet verified on a GPU)",
     )
     return p
-
-
-def _device_name(text: str) -> str:
-    try:
-        parse_device(text)
-    except DeviceError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,8 @@ import threading
 import warnings
 from collections.abc import Callable
 
-from .backend import Device, get_device
-from .errors import GpunnError
+from .backend import Device, get_device, parse_device
+from .errors import DeviceError, GpunnError
 
 
 class UsageError(GpunnError):
@@ -92,6 +92,15 @@ def with_notices(prog: str, f: Callable, *args, **kwargs):
     for notice in notices:
         print(f"{prog}: notice: {notice.message}", file=sys.stderr)
     return result
+
+
+def device_name(text: str) -> str:
+    """argparse type for --device: "cpu", "cuda", "cuda:N" or "auto", checked before anything runs."""
+    try:
+        parse_device(text)
+    except DeviceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def device(prog: str, spec: str) -> Device:

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
 from gpunn.cli import config_from_flags
-from gpunn.commands import Parser, no_matplotlib, run_command
+from gpunn.commands import Parser, device_name, no_matplotlib, run_command
 from gpunn.commands import device as cli_device
 from gpunn.data import DeviceDataset, load_idx_dataset, resolve_data_dir
 from gpunn.train import Config, TrainState, build, fit, iterations_per_epoch, write_atomic
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Example 6.2: logistic regression and a 784-200-10 ReLU network on MNIST with the "
         "lecture's recipe; writes Figures 6.7 and 6.8 and a table of validation errors.",
     )
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="where to compute")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--data-dir",
         default=None,

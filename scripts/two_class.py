@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np
 
 import gpunn
-from gpunn.commands import Parser, UsageError, no_matplotlib, run_command
+from gpunn.commands import Parser, UsageError, device_name, no_matplotlib, run_command
 from gpunn.commands import device as cli_device
 
 PROG = "two_class.py"
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Figure 5.4: a 2-2-1 network (tanh hidden units, sigmoid output) on two Gaussian-mixture "
         "classes, with the Bayes-optimal boundary.",
     )
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="where to compute")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", type=Path, default=Path("runs/lecture"), help="folder for fig5_4_two_class.png")
     p.add_argument("--seed", type=int, default=0, help="seeds the data and the initial weights")
     p.add_argument("--n-train", type=int, default=200, help="training points")

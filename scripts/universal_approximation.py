@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np
 
 import gpunn
-from gpunn.commands import Parser, UsageError, no_matplotlib, run_command
+from gpunn.commands import Parser, UsageError, device_name, no_matplotlib, run_command
 from gpunn.commands import device as cli_device
 
 PROG = "universal_approximation.py"
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Figure 5.3: a 1-3-1 tanh network fitted by gradient descent to x², sin x, |x| and H(x).",
     )
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="where to compute")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--out", type=Path, default=Path("runs/lecture"), help="folder for fig5_3_universal_approximation.png"
     )

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np
 
 import gpunn
-from gpunn.commands import Parser, UsageError, no_matplotlib, run_command
+from gpunn.commands import Parser, UsageError, device_name, no_matplotlib, run_command
 from gpunn.commands import device as cli_device
 
 PROG = "xor.py"
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="The lecture's hand-set ReLU network for XOR, then a 2-2-1 network trained on XOR.",
     )
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="where to compute")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", type=Path, default=Path("runs/lecture"), help="folder for xor_feature_space.png")
     p.add_argument("--seed", type=int, default=0, help="seed of the first random start")
     p.add_argument(
