@@ -62,9 +62,9 @@ def matmul_flops(hidden, n_train=60000, n_val=10000, batch=100, epochs=15, eval_
 class GpunnRun:
     """gpunn's own training loop (gpunn.train.fit, what train_mnist.py runs), one epoch at a time."""
 
-    def __init__(self, device, train, val, hidden, seed, engine="xp"):
+    def __init__(self, device, train, val, hidden, seed, engine="auto"):
         self.device, self.hidden, self.seed, self.engine = device, hidden, seed, engine
-        self.name = "gpunn" if engine == "xp" else f"gpunn-{engine}"
+        self.name = f"gpunn-{engine}"
         t0 = time.perf_counter()
         self.train = DeviceDataset(train.X, train.y, device)
         self.val = DeviceDataset(val.X, val.y, device)
@@ -335,8 +335,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--engines",
         nargs="+",
-        choices=["xp", "fused"],
-        help="gpunn engines to time (default: xp on the CPU; xp and fused on CUDA)",
+        choices=["xp", "blas", "fused"],
+        help="gpunn engines to time (default: blas on the CPU; xp and fused on CUDA)",
     )
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 run of 1 epoch")
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
     except gpunn.GpunnError as exc:
         print(f"bench_mnist.py: error: {exc}", file=sys.stderr)
         return 1
-    engines = args.engines or (["xp", "fused"] if device.is_cuda else ["xp"])
+    engines = args.engines or (["xp", "fused"] if device.is_cuda else ["blas"])
 
     def log(text):
         print(text, file=sys.stderr, flush=True)

@@ -106,8 +106,10 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     option(
         "--engine",
         choices=list(ENGINES),
-        default="xp",
-        help="training step: xp (NumPy/CuPy, the default) or fused (CUDA kernels, not yet verified on a GPU)",
+        default="auto",
+        help="training step: auto (blas where it can run, else xp), xp (the shared NumPy/CuPy code), "
+        "blas (CPU: prepared BLAS calls; classification, plain SGD) or fused (CUDA kernels, not yet "
+        "verified on a GPU)",
     )
     return p
 

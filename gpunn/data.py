@@ -45,6 +45,7 @@ MNIST_MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
 ENV_DATA_DIR = "GPUNN_DATA_DIR"
+PIXEL_SCALE = 1 / 255  # the lecture's inputs are the pixels scaled to [0, 1]
 _IDX_UBYTE = 0x08
 
 
@@ -275,23 +276,28 @@ class DeviceDataset:
         """This epoch's permutation (see ``epoch_order``), copied to the device once per epoch."""
         return self.device.asarray(epoch_order(seed, epoch, self.n, batch_size))
 
-    def batch(self, rows, X=None, y=None, staging=None):
-        """The mini-batch at ``rows`` (an index array or slice on the device): X (n_b, p) in [0, 1]
-        and y (n_b,). ``X``/``y``/``staging`` (uint8, like X) are optional preallocated buffers."""
+    def batch(self, rows, X=None, y=None, staging=None, raw: bool = False):
+        """The mini-batch at ``rows`` (a slice, or an index array on the device whose entries lie in
+        0…n−1, unchecked): X (n_b, p) in [0, 1] and y (n_b,). ``X``/``y``/``staging`` (uint8, like X)
+        are optional preallocated buffers. ``raw=True`` leaves X in 0…255, for a caller that applies
+        PIXEL_SCALE itself."""
         xp = self.xp
         if isinstance(rows, slice):
-            raw, labels = self.X[rows], self.y[rows]
+            pixels, labels = self.X[rows], self.y[rows]
             if y is not None:
                 xp.copyto(y, labels)
                 labels = y
-        else:
-            raw = xp.take(self.X, rows, axis=0, out=staging)
+        elif self.device.is_cuda:
+            pixels = xp.take(self.X, rows, axis=0, out=staging)
             labels = xp.take(self.y, rows, out=y)
+        else:  # the rows come from a permutation; NumPy's default mode="raise" would copy through a buffer
+            pixels = xp.take(self.X, rows, axis=0, out=staging, mode="clip")
+            labels = xp.take(self.y, rows, out=y, mode="clip")
         if X is None:
-            X = xp.empty(raw.shape, dtype=numpy.float32)
-        scale = X.dtype.type(1 / 255)
-        if self.device.is_cuda:  # one kernel
-            return xp.multiply(raw, scale, out=X), labels
-        xp.copyto(X, raw)  # NumPy: a plain cast and an in-place scale beat one mixed-type multiply
-        X *= scale
+            X = xp.empty(pixels.shape, dtype=numpy.float32)
+        if self.device.is_cuda and not raw:  # one kernel
+            return xp.multiply(pixels, X.dtype.type(PIXEL_SCALE), out=X), labels
+        xp.copyto(X, pixels)  # NumPy: a plain cast and an in-place scale beat one mixed-type multiply
+        if not raw:
+            X *= X.dtype.type(PIXEL_SCALE)
         return X, labels

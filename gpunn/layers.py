@@ -17,12 +17,10 @@ gpunn's dZ^(L) already carries the 1/n_b of the mean cost (see losses.py), so li
 further 1/n_b: every dZ^(l) here is exactly ∇_{Z^(l)} J.
 
 Every method takes optional ``out`` buffers. Without them it allocates (the plain reference path);
-with them (see workspace.py) a training step allocates nothing.
+with them (see model.Workspace) a training step allocates nothing.
 """
 
 from __future__ import annotations
-
-from .blas import gemm_accumulate
 
 
 class Activation:
@@ -130,21 +128,15 @@ class Dense:
         self.Q_prev, self.Z, self.Q = Q_prev, Z, Q
         return Q
 
-    def backward(self, dQ, dW=None, db=None, dQ_prev=None, need_dQ_prev=True, inplace=False, descend=False):
+    def backward(self, dQ, dW=None, db=None, dQ_prev=None, need_dQ_prev=True, inplace=False):
         """dQ^(l) (n_b, U_l) -> (dQ^(l-1) or None, dW^(l), db^(l)), by (6.27a–d).
 
         ``inplace=True`` lets dZ^(l) overwrite ``dQ``. ``need_dQ_prev=False`` skips (6.27b), whose
-        result for layer 1 would be the gradient with respect to the data. ``descend=True`` applies
-        plain SGD (6.23) instead of returning the gradients, W ← W − dW and b ← b − db, for a dQ that
-        already carries the learning rate (see model.sgd_step); dW is never written out.
+        result for layer 1 would be the gradient with respect to the data.
         """
         xp = self.xp
         dZ = self.activation.backward(xp, dQ, self.Z, self.Q, out=dQ if inplace else None)
-        dQ_prev = xp.matmul(dZ, self.W, out=dQ_prev) if need_dQ_prev else None  # W before any update
-        if descend:
-            gemm_accumulate(dZ.T, self.Q_prev, self.W, -1.0)
-            self.b -= dZ.sum(axis=0)
-            return dQ_prev, None, None
+        dQ_prev = xp.matmul(dZ, self.W, out=dQ_prev) if need_dQ_prev else None
         dW = xp.matmul(dZ.T, self.Q_prev, out=dW)
         db = xp.sum(dZ, axis=0, out=db)
         return dQ_prev, dW, db

@@ -29,15 +29,21 @@ def param_shapes(sizes) -> list[tuple[tuple[int, int], tuple[int]]]:
     return [((u, u_prev), (u,)) for u_prev, u in itertools.pairwise(sizes)]
 
 
+def augmented_views(flat, sizes) -> list:
+    """Split a θ-shaped flat vector into [[W^(1) b^(1)], …]: each layer's weights and offsets as one
+    (U_l, U_{l-1} + 1) column-major view. (6.17) stores vec(W^(l)) and then b^(l), so b^(l) is the
+    column after W^(l)'s last: the offset form of Chapter 3, where each input gains a constant 1."""
+    views, at = [], 0
+    for u_prev, u in itertools.pairwise(sizes):
+        size = u * (u_prev + 1)
+        views.append(flat[at : at + size].reshape(u_prev + 1, u).T)
+        at += size
+    return views
+
+
 def param_views(flat, sizes) -> list[tuple]:
     """Split a θ-shaped flat vector into [(W1, b1), …] views, each W column-major as vec() in (6.17)."""
-    views, at = [], 0
-    for (u, u_prev), _ in param_shapes(sizes):
-        W = flat[at : at + u * u_prev].reshape(u_prev, u).T  # (U_l, U_{l-1}), columns contiguous
-        at += u * u_prev
-        views.append((W, flat[at : at + u]))
-        at += u
-    return views
+    return [(Wb[:, :-1], Wb[:, -1]) for Wb in augmented_views(flat, sizes)]
 
 
 def flatten(pairs):
@@ -244,18 +250,3 @@ def backprop(net: MLP, X, y, ws: Workspace | None = None, scale=1.0):
         dQ, dW, db = net.layers[l].backward(dQ, *out, need_dQ_prev=l > 0, inplace=ws is not None)
         grads[l] = (dW, db)
     return J, ws.grads if ws else grads
-
-
-def sgd_step(net: MLP, ws: Workspace, y, lr):
-    """One plain-SGD iteration (6.23) on the mini-batch in ``ws.X``, with the update folded into
-    Algorithm 6.1's backward pass: γ rides in dZ^(L) (every gradient is linear in it), and each layer
-    applies W ← W − dZᵀQ^(l-1), b ← b − Σ_i dZ_i as soon as it has dZ, by one BLAS call that never
-    writes the gradient out (blas.gemm_accumulate). The same update as backprop + SGD.step, in fewer
-    passes over memory. Returns the mini-batch cost J (before the update)."""
-    Z = net.forward(ws.X, ws)
-    J, dQ = LOSSES[net.task](Z, y, ws.dZL, ws.rows, lr)
-    for l in reversed(range(net.L)):
-        dQ, _, _ = net.layers[l].backward(
-            dQ, dQ_prev=ws.dQ[l], need_dQ_prev=l > 0, inplace=True, descend=True
-        )
-    return J

@@ -28,13 +28,12 @@ from pathlib import Path
 
 import numpy
 
-from . import blas
 from .backend import Device, to_numpy
 from .data import DeviceDataset
 from .errors import CheckpointError, DivergenceError
 from .layers import ACTIVATIONS
 from .losses import LOSSES, count_errors
-from .model import DTYPES, MLP, Workspace, backprop, sgd_step
+from .model import DTYPES, MLP, Workspace, backprop
 from .optim import SCHEDULES, SGD, Schedule
 
 CHECKPOINT_FORMAT = "gpunn-checkpoint-1"
@@ -131,20 +130,17 @@ def build(cfg: Config, inputs: int, device: Device) -> tuple[MLP, SGD]:
 
 class TrainStep:
     """One SGD iteration on rows of a DeviceDataset: gather, Algorithm 6.1, update; nothing allocated.
+    The xp engine, on any device, and the reference the fast engines are checked against.
 
     Returns the mini-batch cost J and its number of misclassified rows as device scalars. One
     Workspace per mini-batch size (the full one, and the last partial batch if any), sharing one
     gradient vector.
     """
 
-    def __init__(self, net: MLP, opt: SGD, data: DeviceDataset, fold_update: bool | None = None):
+    def __init__(self, net: MLP, opt: SGD, data: DeviceDataset):
         self.net, self.opt, self.data = net, opt, data
         self.grad = net.xp.empty_like(net.theta)
         self.workspaces: dict[int, Workspace] = {}
-        # On the CPU with a BLAS to call, plain SGD is folded into the backward pass (model.sgd_step).
-        if fold_update is None:
-            fold_update = not net.device.is_cuda and blas.available()
-        self.fold_update = fold_update
 
     def workspace(self, n: int) -> Workspace:
         if n not in self.workspaces:
@@ -158,33 +154,45 @@ class TrainStep:
         if opt.momentum or opt.weight_decay:
             J, _ = backprop(net, X, y, ws)
             opt.step(ws.grad, lr)
-        elif self.fold_update:  # plain SGD folded into backprop's BLAS calls (model.sgd_step)
-            J = sgd_step(net, ws, y, lr)
         else:  # plain SGD (6.23): backprop yields γ∇J directly, and the update is one subtraction
             J, _ = backprop(net, X, y, ws, scale=lr)
             net.theta -= ws.grad
         return J, count_errors(ws.Z[-1], y, net.task)
 
 
-ENGINES = ("xp", "fused")
+ENGINES = ("auto", "xp", "blas", "fused")
 
 
 class EngineFallbackWarning(UserWarning):
     """The asked-for engine cannot run this network here; the xp engine runs instead."""
 
 
-def make_step(net: MLP, opt: SGD, data: DeviceDataset, engine: str = "xp"):
-    """The training step of ``engine``: "xp" (TrainStep, any device) or "fused" (fused.FusedStep: CUDA
-    kernels, classification; not yet verified on a GPU). Falls back to "xp", with a warning, where
-    "fused" cannot run."""
+def make_step(net: MLP, opt: SGD, data: DeviceDataset, engine: str = "auto"):
+    """The training step of ``engine``:
+
+    "xp"     TrainStep: the shared NumPy/CuPy code, any device, any network (the reference)
+    "blas"   blas_step.BlasStep: the CPU engine, prepared BLAS calls (classification, plain SGD)
+    "fused"  fused.FusedStep: CUDA kernels (classification; not yet verified on a GPU)
+    "auto"   "blas" where it can run, else "xp" (so "xp" on CUDA until "fused" has run on a GPU)
+
+    An explicitly asked-for "blas" or "fused" that cannot run this network here falls back to "xp"
+    with an EngineFallbackWarning naming the reason; "auto" falls back silently.
+    """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose from {list(ENGINES)}")
-    if engine == "fused":
+    if engine in ("auto", "blas"):
+        from .blas_step import BlasStep, support
+
+        reason = support(net, opt)
+        if reason is None:
+            return BlasStep(net, opt, data)
+    elif engine == "fused":
         from .fused import FusedStep, fused_support
 
         reason = fused_support(net) if net.device.is_cuda else "the fused kernels need a CUDA device"
         if reason is None:
             return FusedStep(net, opt, data)
+    if engine in ("blas", "fused"):
         warnings.warn(f"{reason}; training with the xp engine", EngineFallbackWarning, stacklevel=2)
     return TrainStep(net, opt, data)
 
@@ -279,7 +287,7 @@ def fit(
     per_epoch = iterations_per_epoch(train_set.n, nb)
     total = cfg.epochs * per_epoch
     schedule = cfg.schedule(per_epoch)
-    step = step or TrainStep(net, opt, train_set)
+    step = step or make_step(net, opt, train_set)
     recorder = _Recorder(net.xp, cfg.eval_every)
     eval_workspaces: dict = {}
     t, last_eval = state.iteration, state.iteration - state.iteration % cfg.eval_every
@@ -302,7 +310,10 @@ def fit(
             on_step(t)
             if t % cfg.eval_every == 0 or t == total:
                 pause()
-                val_loss, val_error = evaluate(net, val_set, eval_workspaces)
+                if hasattr(step, "evaluate"):  # the engine's own forward pass
+                    val_loss, val_error = step.evaluate(val_set, EVAL_CHUNK)
+                else:
+                    val_loss, val_error = evaluate(net, val_set, eval_workspaces)
                 on_eval(_record(state, last_eval, t, per_epoch, val_loss, val_error, schedule(t - 1)))
                 last_eval = t
                 started = time.perf_counter()

@@ -38,9 +38,9 @@ def test_benchmark_quick_mode(mnist_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     model = report["models"]["784-10"]
-    assert set(model["contestants"]) == {"gpunn", "pytorch"}
-    gpunn = model["contestants"]["gpunn"]
+    assert set(model["contestants"]) == {"gpunn-blas", "pytorch"}  # the CPU engine by default
+    gpunn = model["contestants"]["gpunn-blas"]
     assert gpunn["median_epoch_s"] > 0 and gpunn["epoch_ratio"] > 0
     assert gpunn["agreement_first_100_costs"] < 1e-4  # the two did the same work
     assert abs(gpunn["final_val_error"] - model["contestants"]["pytorch"]["final_val_error"]) < 0.005
-    assert "| 784-10 | gpunn |" in result.stdout
+    assert "| 784-10 | gpunn-blas |" in result.stdout

@@ -1,6 +1,8 @@
-"""gemm_accumulate, the fused C ← C + αAB that folds plain SGD into backprop on the CPU."""
+"""blas.gemm, the prepared C ← αAB + βC that the CPU engine is built from."""
 
 from __future__ import annotations
+
+import gc
 
 import numpy as np
 import pytest
@@ -9,44 +11,67 @@ from gpunn import blas
 
 
 def test_numpy_blas_is_found_here():
-    # NumPy's wheels carry OpenBLAS; if this fails, CPU steps quietly take the two-pass form.
+    # NumPy's wheels carry OpenBLAS; if this fails, the CPU engine is not used (make_step says why).
     assert blas.available()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["CCC", "FCC", "CFC", "CCF", "FFF"])
-def test_gemm_accumulate_matches_numpy(rng, dtype, layout, monkeypatch):
-    monkeypatch.setattr(blas, "SMALL", 0)  # take the BLAS call even for these small matrices
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_gemm_matches_numpy(rng, dtype, layout, beta):
     A = rng.standard_normal((7, 5)).astype(dtype)
     B = rng.standard_normal((5, 9)).astype(dtype)
     C = rng.standard_normal((7, 9)).astype(dtype)
     A, B, C = (np.asarray(x, order=o) for x, o in zip((A, B, C), layout))
-    want = C + (-0.75) * (A @ B)
-    blas.gemm_accumulate(A, B, C, -0.75)
-    np.testing.assert_allclose(C, want, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    call = blas.gemm(A, B, C, -0.75, beta)
+    for _ in range(2):  # the prepared call reads the arrays' current contents every time
+        want = beta * C + (-0.75) * (A @ B)
+        call()
+        np.testing.assert_allclose(C, want, rtol=1e-5 if dtype == np.float32 else 1e-12)
+        A *= 2
 
 
-def test_transposed_views_as_backprop_passes_them(rng, monkeypatch):
-    monkeypatch.setattr(blas, "SMALL", 0)
+def test_transposed_views_and_row_vectors_as_the_engine_passes_them(rng):
     dZ = rng.standard_normal((100, 20)).astype(np.float32)  # (n, U)
     Q = rng.standard_normal((100, 30)).astype(np.float32)  # (n, U_prev)
     W = np.asfortranarray(rng.standard_normal((20, 30)).astype(np.float32))  # a column-major W view
-    want = W - dZ.T @ Q
-    blas.gemm_accumulate(dZ.T, Q, W, -1.0)
-    np.testing.assert_allclose(W, want, rtol=1e-5, atol=1e-5)
+    b = rng.standard_normal(20).astype(np.float32)
+    want_W, want_b = W - dZ.T @ Q, b - dZ.sum(axis=0)
+    blas.gemm(dZ.T, Q, W, -1.0, 1.0)()
+    blas.gemm(np.ones((1, 100), np.float32), dZ, b[None, :], -1.0, 1.0)()
+    np.testing.assert_allclose(W, want_W, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b, want_b, rtol=1e-5, atol=1e-5)
 
 
-def test_falls_back_where_blas_cannot(rng, monkeypatch):
-    monkeypatch.setattr(blas, "SMALL", 0)
+def test_the_call_keeps_its_arrays_alive(rng):
+    A, B = rng.standard_normal((4, 3)), rng.standard_normal((3, 2))
+    want = A @ B
+    C = np.zeros((4, 2))
+    call = blas.gemm(A.copy(), B.copy(), C)  # the only references to the copies are the call's
+    gc.collect()
+    clobber = [np.full(n, np.nan) for n in (12, 6, 12, 6)]  # would take over freed blocks of that size
+    call()
+    del clobber
+    np.testing.assert_allclose(C, want)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_falls_back_to_numpy_where_blas_cannot(rng, monkeypatch, beta):
     A, B = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
     C = rng.standard_normal((3, 2))
+    want = beta * C + 2.0 * (A @ B)
     strided = np.zeros((3, 4))[:, ::2]  # neither C- nor Fortran-ordered
     strided[...] = C
-    want = C + 2.0 * (A @ B)
-    blas.gemm_accumulate(A, B, strided, 2.0)
+    blas.gemm(A, B, strided, 2.0, beta)()
     np.testing.assert_allclose(strided, want)
     monkeypatch.setattr(blas, "_gemm", None)
     monkeypatch.setattr(blas, "_searched", True)
     assert not blas.available()
-    blas.gemm_accumulate(A, B, C, 2.0)
+    blas.gemm(A, B, C, 2.0, beta)()
     np.testing.assert_allclose(C, want)
+
+
+def test_beta_other_than_zero_or_one_is_refused(rng):
+    A = rng.standard_normal((2, 2))
+    with pytest.raises(ValueError, match="beta must be 0 or 1"):
+        blas.gemm(A, A, A.copy(), 1.0, 0.5)

@@ -50,6 +50,18 @@ def test_params_are_live_views_into_theta(device):
     assert float(abs(net.forward(np.ones((2, 3)))).sum()) == 0.0
 
 
+def test_augmented_views_are_w_with_b_as_one_more_column(device):
+    net = gpunn.MLP([5, 4, 3], device=device, seed=2)
+    views = gpunn.model.augmented_views(net.theta, net.sizes)
+    assert [v.shape for v in views] == [(4, 6), (3, 5)]
+    for Wb, (W, b) in zip(views, net.params):
+        np.testing.assert_array_equal(
+            gpunn.to_numpy(Wb), np.column_stack([gpunn.to_numpy(W), gpunn.to_numpy(b)])
+        )
+    views[1][:, -1] = 7.0  # writing the last column writes b^(2)
+    assert float(net.params[1][1].sum()) == 21.0
+
+
 def test_same_seed_same_network_other_seed_differs(device):
     a = gpunn.MLP([5, 7, 3], device=device, seed=3)
     b = gpunn.MLP([5, 7, 3], device="cpu", seed=3)
