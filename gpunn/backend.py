@@ -47,6 +47,15 @@ def import_cupy() -> ModuleType:
     return _cupy
 
 
+def import_cublas() -> ModuleType:
+    """CuPy's thin cuBLAS binding (cupy_backends.cuda.libs.cublas), for calls CuPy's own matmul does
+    not allow (during CUDA graph capture); DeviceError where CuPy is absent."""
+    import_cupy()
+    from cupy_backends.cuda.libs import cublas
+
+    return cublas
+
+
 def _cuda_message(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())

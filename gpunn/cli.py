@@ -108,8 +108,8 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
         choices=list(ENGINES),
         default="auto",
         help="training step: auto (blas where it can run, else xp), xp (the shared NumPy/CuPy code), "
-        "blas (CPU: prepared BLAS calls; classification, plain SGD) or fused (CUDA kernels, not yet "
-        "verified on a GPU)",
+        "blas (CPU: prepared BLAS calls; classification, plain SGD), fused (CUDA kernels) or graph "
+        "(fused, replayed as CUDA graphs); fused and graph are not yet verified on a GPU",
     )
     return p
 

@@ -23,3 +23,7 @@ class CheckpointError(GpunnError):
 
 class DivergenceError(GpunnError):
     """The training cost became non-finite."""
+
+
+class EngineFallbackWarning(UserWarning):
+    """The asked-for training engine (or its CUDA graphs) cannot run here; a slower one runs instead."""

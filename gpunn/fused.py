@@ -1,4 +1,5 @@
-"""The CUDA fast path: one SGD iteration in about a dozen launches instead of ~35 (``engine="fused"``).
+"""The CUDA fast path: one SGD iteration in about a dozen launches instead of ~35 (``engine="fused"``),
+and whole blocks of iterations replayed as one CUDA graph (``engine="graph"``).
 
 At n_b = 100 a GPU is bound by kernel launches, not arithmetic: each CuPy operation costs ~10 µs of host
 time, and the plain xp step issues ~35 of them. ``FusedStep`` computes exactly what ``train.TrainStep``
@@ -10,19 +11,28 @@ computes (Algorithm 6.1 plus the SGD update) with the kernels of ``kernels.cu``:
     activation_backward    dZ = dQ ⊙ h' and db in one pass, per layer; dW and dQ stay with cuBLAS
     sgd_update             the whole of θ in one pass (momentum and weight decay included)
 
-Status: these kernels have not yet run on a GPU. The tests compile them with nvcc and run them, compiled
-as C++, through a sequential CPU emulation against the reference path; until a GPU session has checked
-them, the default engine stays "xp".
+With ``graphs=True``, ``run_block`` captures up to GRAPH_STEPS consecutive iterations of an epoch into
+one CUDA graph (once per position in the epoch) and replays it: one launch for a hundred steps. What a
+graph freezes is arranged for: the epoch's order is copied into one fixed buffer that the captured
+gathers read at fixed offsets, each step's learning rate is read from a device buffer written before
+the replay, each step's cost and errors go to their own slot, and the products call cuBLAS directly on
+the capturing stream (CuPy refuses its matmul during capture).
+
+Status: none of this has run on a GPU yet. The tests compile the kernels with nvcc and run them,
+compiled as C++, through a sequential CPU emulation against the reference path, with an emulated cuBLAS
+and a recorded-and-replayed "graph"; until a GPU session has checked them, the default stays "xp".
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy
 
-from .backend import import_cupy
+from .backend import import_cublas, import_cupy
+from .errors import EngineFallbackWarning
 from .model import MLP, param_views
 from .optim import SGD
 
@@ -30,6 +40,7 @@ SOURCE = Path(__file__).with_name("kernels.cu")
 ACT_CODES = {"identity": 0, "relu": 1, "sigmoid": 2, "tanh": 3}
 BLOCK = 256
 MAX_BLOCKS = 4096
+GRAPH_STEPS = 100  # iterations per CUDA graph, at most
 _SIGNATURE = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)')
 
 
@@ -99,13 +110,87 @@ class _Buffers:
         self.dZL = xp.empty((n, sizes[-1]), dtype=dt)
 
 
-class FusedStep:
-    """``train.TrainStep`` for CUDA with fused kernels: the same call, the same update.
+def cublas_arguments(A, B, C, pointer) -> tuple:
+    """The arguments of a column-major cuBLAS gemm that computes the row-major C = A·B.
 
-    ``kernels`` defaults to CudaKernels for the network's dtype; the tests pass a CPU emulation.
+    A (m, k), B (k, n), C (m, n) are 2-D arrays whose rows or columns are contiguous (transposed views
+    included); ``pointer(array)`` gives an array's address. Returns (transa, transb, m', n', k,
+    A', lda, B', ldb, C', ldc) for C' = op(A')·op(B') in cuBLAS's column-major terms: an array with
+    contiguous columns is itself column-major; one with contiguous rows is its transpose's. When C has
+    contiguous rows, Cᵀ = Bᵀ·Aᵀ is what cuBLAS computes.
     """
 
-    def __init__(self, net: MLP, opt: SGD, data, kernels=None):
+    def operand(x):  # (op, leading dimension) of x as a column-major matrix, or of xᵀ (then op = T)
+        size = x.itemsize
+        if x.strides[0] == size and x.strides[1] >= max(1, x.shape[0]) * size:
+            return 0, x.strides[1] // size
+        if x.strides[1] == size and x.strides[0] >= max(1, x.shape[1]) * size:
+            return 1, x.strides[0] // size
+        raise ValueError(f"an operand of strides {x.strides} has neither rows nor columns contiguous")
+
+    if C.strides[0] != C.itemsize or C.strides[1] < C.shape[0] * C.itemsize:  # rows contiguous
+        A, B, C = B.T, A.T, C.T
+    (op_a, lda), (op_b, ldb), (op_c, ldc) = operand(A), operand(B), operand(C)
+    if op_c != 0:
+        raise ValueError("C must have contiguous rows or columns")
+    m, k, n = A.shape[0], A.shape[1], B.shape[1]
+    return op_a, op_b, m, n, k, pointer(A), lda, pointer(B), ldb, pointer(C), ldc
+
+
+class CublasGemm:
+    """C = A·B for CuPy arrays through cuBLAS itself, on whatever stream is current: usable during
+    CUDA graph capture, where CuPy's matmul refuses to run. α = 1, β = 0, host pointer mode."""
+
+    def __init__(self, dtype):
+        self.cublas = import_cublas()
+        cupy = import_cupy()
+        self.handle = cupy.cuda.device.get_cublas_handle()  # taken before any capture begins
+        self.gemm = self.cublas.sgemm if numpy.dtype(dtype) == numpy.float32 else self.cublas.dgemm
+        self.one, self.zero = numpy.ones(1, dtype=dtype), numpy.zeros(1, dtype=dtype)  # kept alive
+        self.stream = cupy.cuda.get_current_stream
+
+    def __call__(self, A, B, C) -> None:
+        ta, tb, m, n, k, a, lda, b, ldb, c, ldc = cublas_arguments(A, B, C, lambda x: x.data.ptr)
+        previous = self.cublas.getStream(self.handle)  # CuPy's own products keep their stream
+        self.cublas.setStream(self.handle, self.stream().ptr)
+        try:
+            one, zero = self.one.ctypes.data, self.zero.ctypes.data
+            self.gemm(self.handle, ta, tb, m, n, k, one, a, lda, b, ldb, zero, c, ldc)
+        finally:
+            self.cublas.setStream(self.handle, previous)
+
+
+class CudaGraphs:
+    """Stream capture into a cupy.cuda.Graph, and its replay on the current stream."""
+
+    def __init__(self):
+        self.cupy = import_cupy()
+
+    def capture(self, enqueue):
+        stream = self.cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            try:
+                enqueue()
+            finally:
+                graph = stream.end_capture()
+        return graph
+
+    def launch(self, graph) -> None:
+        graph.launch()
+
+
+class FusedStep:
+    """``train.TrainStep`` for CUDA with fused kernels: the same call, the same update; with
+    ``graphs=True`` also ``run_block``, blocks of steps as CUDA graphs.
+
+    ``kernels``, ``gemm`` and ``graph_backend`` default to CudaKernels, CublasGemm and CudaGraphs; the
+    tests pass CPU emulations of all three.
+    """
+
+    def __init__(
+        self, net: MLP, opt: SGD, data, kernels=None, graphs: bool = False, gemm=None, graph_backend=None
+    ):
         reason = fused_support(net)
         if reason:
             raise ValueError(reason)
@@ -122,24 +207,49 @@ class FusedStep:
         self.velocity = opt.velocity if opt.velocity is not None else self.grad  # unused without momentum
         self.act = ACT_CODES[net.activation.name]
         self.buffers: dict[int, _Buffers] = {}
+        self.lr = xp.zeros(GRAPH_STEPS, dtype=net.dtype)  # γ of each step of a block (slot 0 when eager)
+        self._eager_lr = None
+        self.graphs = graphs
+        self.block_steps = GRAPH_STEPS if graphs else 0  # what fit may hand run_block at once
+        if graphs:
+            self.gemm = gemm if gemm is not None else CublasGemm(net.dtype)
+            self.graph_backend = graph_backend if graph_backend is not None else CudaGraphs()
+            self.records = xp.zeros((GRAPH_STEPS, 2), dtype=numpy.float64)  # (cost, errors) per step
+            self.order = xp.zeros(data.n, dtype=numpy.int64)  # the epoch's permutation, at a fixed address
+            self._order_source = None
+            self.captured: dict[tuple[int, int, int], object] = {}
+            self._trial_capture()
 
     def __call__(self, rows, lr):
+        """One step, eagerly: returns (J, misclassified rows) as device scalars."""
+        if lr != self._eager_lr:  # γ lives on the device (see sgd_update); rewritten only when it changes
+            self.lr[0] = lr
+            self._eager_lr = lr
+        self.acc.fill(0)
+        self._enqueue(rows, self.lr[0:1], self.acc, lambda A, B, C: self.net.xp.matmul(A, B, out=C))
+        return self.acc[0], self.acc[1]
+
+    def _buffers(self, n: int) -> _Buffers:
+        if n not in self.buffers:  # allocated before any capture: a graph must allocate nothing
+            self.buffers[n] = _Buffers(self.net, n)
+        return self.buffers[n]
+
+    def _enqueue(self, rows, lr, acc, gemm) -> None:
+        """Queue one step's launches: rows (n,) int64, γ at lr[0], (cost, errors) added into acc[0:2]."""
         net, k = self.net, self.kernels
         n, sizes = rows.shape[0], net.sizes
-        b = self.buffers.get(n) or self.buffers.setdefault(n, _Buffers(net, n))
-        xp, L = net.xp, net.L
+        b, L = self._buffers(n), net.L
         k.launch("gather_batch", n * sizes[0], self.data.X, self.data.y, rows, n, sizes[0], b.X, b.y)
         Q = b.X
         for l in range(L - 1):  # forward, Algorithm 6.1 lines 3–6
             W, bias = net.layers[l].W, net.layers[l].b
-            xp.matmul(Q, W.T, out=b.H[l])
+            gemm(Q, W.T, b.H[l])
             k.launch(
                 "bias_activation", n * sizes[l + 1], b.H[l], bias, n * sizes[l + 1], sizes[l + 1], self.act
             )
             Q = b.H[l]
-        xp.matmul(Q, net.layers[-1].W.T, out=b.ZL)
-        self.acc.fill(0)
-        k.launch("softmax_cross_entropy", n, b.ZL, net.layers[-1].b, b.y, n, sizes[-1], 1.0, b.dZL, self.acc)
+        gemm(Q, net.layers[-1].W.T, b.ZL)
+        k.launch("softmax_cross_entropy", n, b.ZL, net.layers[-1].b, b.y, n, sizes[-1], 1.0, b.dZL, acc)
         dZ = b.dZL
         for l in reversed(range(L)):  # backward, lines 14–20: (6.27a–d)
             dW, db = self.grads[l]
@@ -148,9 +258,9 @@ class FusedStep:
             act = ACT_CODES["identity"] if l == L - 1 else self.act
             Q_out = b.H[l] if l < L - 1 else dZ
             k.launch("activation_backward", sizes[l + 1], dZ, Q_out, n, sizes[l + 1], act, db)
-            xp.matmul(dZ.T, b.H[l - 1] if l > 0 else b.X, out=dW)
+            gemm(dZ.T, b.H[l - 1] if l > 0 else b.X, dW)
             if l > 0:
-                xp.matmul(dZ, net.layers[l].W, out=b.dQ[l - 1])
+                gemm(dZ, net.layers[l].W, b.dQ[l - 1])
         opt = self.opt
         k.launch(
             "sgd_update",
@@ -166,4 +276,72 @@ class FusedStep:
             int(bool(opt.momentum)),
             int(bool(opt.weight_decay)),
         )
-        return self.acc[0], self.acc[1]
+
+    # --- CUDA graphs ---------------------------------------------------------------------------
+
+    def run_block(self, order, first: int, count: int, batch_size: int, lrs):
+        """Steps ``first`` … ``first + count − 1`` of the epoch whose permutation is ``order`` (device
+        int64, n entries), each on the ``batch_size`` rows order[i·n_b : (i+1)·n_b], with learning rates
+        ``lrs``: one graph replay. Returns (costs, errors) as (count,) device arrays.
+
+        The graph of (first, count, n_b) is captured on first use and replayed in every later epoch.
+        If capture fails, the block runs step by step (with one EngineFallbackWarning).
+        """
+        xp = self.net.xp
+        if not 1 <= count <= GRAPH_STEPS or (first + count) * batch_size > self.data.n:
+            raise ValueError(
+                f"a block is 1…{GRAPH_STEPS} full mini-batches of the epoch; got {count} from {first}"
+            )
+        if order is not self._order_source:  # a new epoch: its order into the fixed buffer
+            xp.copyto(self.order, order)
+            self._order_source = order
+        if not self.graphs:
+            return self._run_eagerly(first, count, batch_size, lrs)
+        self.lr[:count] = xp.asarray(numpy.asarray(lrs, dtype=self.net.dtype))
+        self._eager_lr = None  # slot 0 now holds this block's first γ
+        key = (first, count, batch_size)
+        if key not in self.captured:
+            self._buffers(batch_size)
+            try:
+                self.captured[key] = self.graph_backend.capture(lambda: self._enqueue_block(*key))
+            except Exception as exc:  # CUDA or CuPy refusing the capture: keep training, without graphs
+                self._give_up_graphs(exc)
+                return self._run_eagerly(first, count, batch_size, lrs)
+        self.records[:count].fill(0)
+        self.graph_backend.launch(self.captured[key])
+        return self.records[:count, 0], self.records[:count, 1]
+
+    def _enqueue_block(self, first: int, count: int, batch_size: int) -> None:
+        for k in range(count):
+            rows = self.order[(first + k) * batch_size : (first + k + 1) * batch_size]
+            self._enqueue(rows, self.lr[k : k + 1], self.records[k], self.gemm)
+
+    def _run_eagerly(self, first, count, batch_size, lrs):
+        xp = self.net.xp
+        out = xp.zeros((count, 2), dtype=numpy.float64)
+        for k in range(count):
+            rows = self.order[(first + k) * batch_size : (first + k + 1) * batch_size]
+            J, errors = self(rows, lrs[k])
+            out[k, 0], out[k, 1] = J, errors
+        return out[:, 0], out[:, 1]
+
+    def _trial_capture(self) -> None:
+        """Capture (never launch) one step on the first rows, so that a CUDA or CuPy that cannot
+        capture is found when the engine is made, not in the middle of a run."""
+        self._buffers(1)
+        try:
+            self.graph_backend.capture(
+                lambda: self._enqueue(self.order[:1], self.lr[0:1], self.records[0], self.gemm)
+            )
+        except Exception as exc:
+            self._give_up_graphs(exc)
+
+    def _give_up_graphs(self, exc: Exception) -> None:
+        self.graphs = False
+        self.block_steps = 0
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        warnings.warn(
+            f"CUDA graph capture failed ({message}); the fused steps run one launch at a time",
+            EngineFallbackWarning,
+            stacklevel=3,
+        )

@@ -99,10 +99,12 @@ extern "C" __global__ void softmax_cross_entropy(const REAL* Z, const REAL* b, c
 }
 
 // SGD over the flat θ (6.23): d = g (+ λ θ where decay[i]), v ← μ v + d and d = v with momentum,
-// θ ← θ − γ d. Without decay or momentum, pass any arrays for decay/v with the flag at 0.
+// θ ← θ − γ d. Without decay or momentum, pass any arrays for decay/v with the flag at 0. γ is read
+// from device memory (lr[0]), so that a CUDA graph replays with each step's own learning rate.
 extern "C" __global__ void sgd_update(REAL* theta, const REAL* g, REAL* v, const unsigned char* decay,
-                                      long long count, REAL lr, REAL momentum, REAL weight_decay,
+                                      long long count, const REAL* lr_at, REAL momentum, REAL weight_decay,
                                       int use_momentum, int use_decay) {
+    const REAL lr = lr_at[0];
     GRID_STRIDE(i, count) {
         REAL d = g[i];
         if (use_decay && decay[i]) d += weight_decay * theta[i];

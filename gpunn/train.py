@@ -30,7 +30,7 @@ import numpy
 
 from .backend import Device, to_numpy
 from .data import DeviceDataset
-from .errors import CheckpointError, DivergenceError
+from .errors import CheckpointError, DivergenceError, EngineFallbackWarning
 from .layers import ACTIVATIONS
 from .losses import LOSSES, count_errors
 from .model import DTYPES, MLP, Workspace, backprop
@@ -160,11 +160,7 @@ class TrainStep:
         return J, count_errors(ws.Z[-1], y, net.task)
 
 
-ENGINES = ("auto", "xp", "blas", "fused")
-
-
-class EngineFallbackWarning(UserWarning):
-    """The asked-for engine cannot run this network here; the xp engine runs instead."""
+ENGINES = ("auto", "xp", "blas", "fused", "graph")
 
 
 def make_step(net: MLP, opt: SGD, data: DeviceDataset, engine: str = "auto"):
@@ -173,10 +169,12 @@ def make_step(net: MLP, opt: SGD, data: DeviceDataset, engine: str = "auto"):
     "xp"     TrainStep: the shared NumPy/CuPy code, any device, any network (the reference)
     "blas"   blas_step.BlasStep: the CPU engine, prepared BLAS calls (classification, plain SGD)
     "fused"  fused.FusedStep: CUDA kernels (classification; not yet verified on a GPU)
+    "graph"  fused.FusedStep with CUDA graphs: blocks of steps replayed as one launch (not yet verified)
     "auto"   "blas" where it can run, else "xp" (so "xp" on CUDA until "fused" has run on a GPU)
 
-    An explicitly asked-for "blas" or "fused" that cannot run this network here falls back to "xp"
-    with an EngineFallbackWarning naming the reason; "auto" falls back silently.
+    An explicitly asked-for engine that cannot run this network here falls back to "xp" with an
+    EngineFallbackWarning naming the reason ("graph" whose capture fails: to "fused"); "auto" falls
+    back silently.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose from {list(ENGINES)}")
@@ -186,13 +184,13 @@ def make_step(net: MLP, opt: SGD, data: DeviceDataset, engine: str = "auto"):
         reason = support(net, opt)
         if reason is None:
             return BlasStep(net, opt, data)
-    elif engine == "fused":
+    elif engine in ("fused", "graph"):
         from .fused import FusedStep, fused_support
 
         reason = fused_support(net) if net.device.is_cuda else "the fused kernels need a CUDA device"
         if reason is None:
-            return FusedStep(net, opt, data)
-    if engine in ("blas", "fused"):
+            return FusedStep(net, opt, data, graphs=engine == "graph")
+    if engine not in ("auto", "xp"):
         warnings.warn(f"{reason}; training with the xp engine", EngineFallbackWarning, stacklevel=2)
     return TrainStep(net, opt, data)
 
@@ -242,6 +240,13 @@ class _Recorder:
         self.errors[k] = errors
         self.sizes.append(n)
 
+    def add_block(self, costs, errors, n: int) -> None:
+        """Several iterations of n rows each at once: (count,) device arrays of J and errors."""
+        k, count = len(self.sizes), costs.shape[0]
+        self.loss[k : k + count] = costs
+        self.errors[k : k + count] = errors
+        self.sizes.extend([n] * count)
+
     def flush(self, state: TrainState, schedule: Schedule) -> None:
         """Append the recorded iterations to ``state``; raise DivergenceError at a non-finite cost."""
         k = len(self.sizes)
@@ -277,7 +282,8 @@ def fit(
     step: Callable | None = None,
 ) -> bool:
     """Train from ``state.iteration`` to cfg.epochs epochs. Returns True when finished, False when
-    ``should_stop()`` turned true (checked after every step; a checkpoint is then taken).
+    ``should_stop()`` turned true (checked after every step, or every block of steps for the graph
+    engine; a checkpoint is then taken). ``step`` defaults to make_step(net, opt, train_set).
 
     ``on_eval(record)`` receives each evaluation: iteration, epoch, train_loss/train_error (mini-batch
     means since the previous evaluation), val_loss, val_error, lr and time_s (training seconds so far,
@@ -298,16 +304,26 @@ def fit(
         recorder.flush(state, schedule)
         state.iteration = t
 
+    full_batches = train_set.n // nb
     started = time.perf_counter()
     while t < total:
-        epoch, first = divmod(t, per_epoch)
+        epoch, i = divmod(t, per_epoch)
         order = train_set.order(cfg.seed, epoch, nb)
-        for i in range(first, per_epoch):
-            rows = order[i * nb : (i + 1) * nb]
-            J, errors = step(rows, schedule(t))
-            recorder.add(J, errors, rows.shape[0])
-            t += 1
-            on_step(t)
+        while i < per_epoch:
+            block = getattr(step, "block_steps", 0)  # the graph engine takes up to this many steps a call
+            span = min(block, cfg.eval_every - t % cfg.eval_every, full_batches - i)
+            if span > 0:  # full mini-batches up to the next evaluation or the epoch's end, in one call
+                costs, errors = step.run_block(order, i, span, nb, [schedule(t + k) for k in range(span)])
+                recorder.add_block(costs, errors, nb)
+            else:
+                rows = order[i * nb : (i + 1) * nb]
+                J, errors = step(rows, schedule(t))
+                recorder.add(J, errors, rows.shape[0])
+                span = 1
+            for _ in range(span):
+                t += 1
+                on_step(t)
+            i += span
             if t % cfg.eval_every == 0 or t == total:
                 pause()
                 if hasattr(step, "evaluate"):  # the engine's own forward pass

@@ -1,10 +1,13 @@
 """Runs gpunn/kernels.cu on the CPU: the CUDA source compiled as C++ with a sequential emulation of the
 grid (every block, every thread, in order). Valid because the kernels use no shared memory and no
-barriers; atomicAdd becomes a plain add. Used to check FusedStep's kernels and host logic without a GPU."""
+barriers; atomicAdd becomes a plain add. With a column-major "cuBLAS" that reads raw pointers and a
+"CUDA graph" that records launches and replays them, FusedStep's kernels and host logic (graphs
+included) are checked without a GPU."""
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import shutil
 import subprocess
 from pathlib import Path
@@ -61,6 +64,7 @@ class EmulatedKernels:
         self.lib = build(dtype, folder)
         self.signatures = fused.kernel_signatures()
         self.launches: list[str] = []
+        self.recording: list | None = None  # set by RecordingGraphs.capture
         real_ctype = ctypes.c_float if self.real is np.float32 else ctypes.c_double
         for name, types in self.signatures.items():
             f = getattr(self.lib, f"emulate_{name}")
@@ -71,6 +75,9 @@ class EmulatedKernels:
             f.restype = None
 
     def launch(self, name: str, count: int, *args) -> None:
+        if self.recording is not None:  # being captured: run later, with these very arguments
+            self.recording.append(functools.partial(self.launch, name, count, *args))
+            return
         self.launches.append(name)
         grid = max(1, min(fused.MAX_BLOCKS, -(-count // fused.BLOCK)))
         converted = fused.convert_args(self.signatures[name], args, self.real)
@@ -82,3 +89,59 @@ class EmulatedKernels:
             else:
                 values.append(value.item())
         getattr(self.lib, f"emulate_{name}")(grid, fused.BLOCK, *values)
+
+
+def column_major(pointer: int, rows: int, cols: int, ld: int, dtype) -> np.ndarray:
+    """The (rows, cols) column-major matrix with leading dimension ld at a raw address, as cuBLAS sees it."""
+    dtype = np.dtype(dtype)
+    kind = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+    buffer = np.ctypeslib.as_array((kind * (ld * (cols - 1) + rows)).from_address(pointer))
+    return np.lib.stride_tricks.as_strided(buffer, (rows, cols), (dtype.itemsize, ld * dtype.itemsize))
+
+
+def cublas_gemm(dtype, transa, transb, m, n, k, a, lda, b, ldb, c, ldc) -> None:
+    """cublas<t>gemm with α = 1, β = 0 on raw addresses: C (m, n) = op(A)·op(B), all column-major."""
+    A = column_major(a, *((k, m) if transa else (m, k)), lda, dtype)
+    B = column_major(b, *((n, k) if transb else (k, n)), ldb, dtype)
+    C = column_major(c, m, n, ldc, dtype)
+    C[...] = (A.T if transa else A) @ (B.T if transb else B)
+
+
+class EmulatedGemm:
+    """fused.CublasGemm for NumPy arrays: the same argument mapping, an emulated column-major gemm."""
+
+    def __init__(self):
+        self.recording: list | None = None
+        self.calls = 0
+
+    def __call__(self, A, B, C) -> None:
+        if self.recording is not None:
+            self.recording.append(functools.partial(self, A, B, C))
+            return
+        self.calls += 1
+        cublas_gemm(C.dtype, *fused.cublas_arguments(A, B, C, lambda x: x.ctypes.data))
+
+
+class RecordingGraphs:
+    """fused.CudaGraphs for the emulation: capture records every launch and product, launch replays them."""
+
+    def __init__(self, kernels: EmulatedKernels, gemm: EmulatedGemm, fail_after: int | None = None):
+        self.kernels, self.gemm, self.fail_after = kernels, gemm, fail_after
+        self.captures = self.launches = 0
+
+    def capture(self, enqueue) -> list:
+        if self.fail_after is not None and self.captures >= self.fail_after:
+            raise RuntimeError("operation not permitted when stream is capturing (emulated)")
+        calls: list = []
+        self.kernels.recording = self.gemm.recording = calls
+        try:
+            enqueue()
+        finally:
+            self.kernels.recording = self.gemm.recording = None
+        self.captures += 1
+        return calls
+
+    def launch(self, calls: list) -> None:
+        self.launches += 1
+        for call in calls:
+            call()

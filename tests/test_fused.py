@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import warnings
 
 import numpy as np
 import pytest
@@ -13,9 +14,10 @@ import pytest
 import gpunn
 from gpunn import fused
 from gpunn.data import DeviceDataset
-from gpunn.train import TrainStep
+from gpunn.errors import EngineFallbackWarning
+from gpunn.train import Config, TrainState, TrainStep, fit
 
-from cuda_emulation import EmulatedKernels
+from cuda_emulation import EmulatedGemm, EmulatedKernels, RecordingGraphs
 
 
 def test_signatures_are_parsed():
@@ -122,6 +124,122 @@ def test_emulated_fused_step_in_float32_and_its_launch_count(emulated):
     ]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["CCC", "FCC", "CFC", "CCF", "FFF", "FFC"])
+def test_cublas_arguments_compute_the_row_major_product(rng, dtype, layout):
+    A, B = rng.standard_normal((7, 5)).astype(dtype), rng.standard_normal((5, 3)).astype(dtype)
+    A, B = (np.asarray(x, order=o) for x, o in zip((A, B), layout))
+    C = np.zeros((7, 3), dtype=dtype, order=layout[2])
+    EmulatedGemm()(A, B, C)
+    np.testing.assert_allclose(C, A @ B, rtol=1e-5)
+
+
+def test_cublas_arguments_of_views_as_the_fused_step_passes_them(rng):
+    theta = rng.standard_normal(4 * 6 + 4)
+    W = theta[:24].reshape(6, 4).T  # (4, 6), column-major, as in θ (6.17)
+    Q = rng.standard_normal((10, 6))
+    dZ = rng.standard_normal((10, 4))
+    H = np.zeros((10, 4))
+    EmulatedGemm()(Q, W.T, H)  # forward: Q Wᵀ
+    np.testing.assert_allclose(H, Q @ W.T)
+    dW = np.zeros(28)[:24].reshape(6, 4).T  # a gradient view like W
+    EmulatedGemm()(dZ.T, Q, dW)  # (6.27c)
+    np.testing.assert_allclose(dW, dZ.T @ Q)
+    with pytest.raises(ValueError, match="neither rows nor columns"):
+        EmulatedGemm()(Q[:, ::2], W.T[::2], H)
+
+
+def graph_setup(emulated, dtype=np.float64, fail_after=None):
+    """(kernels, gemm, graphs) for an emulated graph engine."""
+    kernels = emulated[dtype]
+    gemm = EmulatedGemm()
+    return kernels, gemm, RecordingGraphs(kernels, gemm, fail_after)
+
+
+def fit_with(step_factory, epochs=3, n=250, batch=20, eval_every=5):
+    """A whole fit() with the given step: per-iteration records, evaluations and final θ."""
+    rng = np.random.default_rng(5)
+    X8, y = rng.integers(0, 256, (n, 12), dtype=np.uint8), rng.integers(0, 4, n)
+    train, val = (
+        DeviceDataset(X8, y, gpunn.get_device("cpu")),
+        DeviceDataset(X8[:60], y[:60], gpunn.get_device("cpu")),
+    )
+    cfg = Config(
+        hidden=[8],
+        epochs=epochs,
+        batch_size=batch,
+        lr=0.4,
+        lr_schedule="cosine",  # γ changes every step: each replayed step must read its own
+        eval_every=eval_every,
+        dtype="float64",
+        num_classes=4,
+    )
+    net = gpunn.MLP(cfg.sizes(12), device="cpu", seed=0, dtype="float64")
+    opt = gpunn.SGD(net, cfg.lr)
+    step = step_factory(net, opt, train)
+    records, state = [], TrainState()
+    fit(net, opt, cfg, train, val, state, records.append, step=step)
+    return step, state, records, net.theta.copy()
+
+
+@pytest.mark.parametrize("eval_every", [5, 13])
+def test_graph_engine_fits_like_the_reference(emulated, eval_every):
+    kernels, gemm, graphs = graph_setup(emulated)
+    got = fit_with(
+        lambda net, opt, data: fused.FusedStep(net, opt, data, kernels, True, gemm, graphs),
+        eval_every=eval_every,
+    )
+    ref = fit_with(TrainStep, eval_every=eval_every)
+    (step, state, records, theta), (_, ref_state, ref_records, ref_theta) = got, ref
+    np.testing.assert_allclose(state.batch_loss, ref_state.batch_loss, rtol=1e-10)
+    assert state.batch_error == ref_state.batch_error
+    assert [r["val_error"] for r in records] == [r["val_error"] for r in ref_records]
+    np.testing.assert_allclose(theta, ref_theta, rtol=1e-9, atol=1e-12)
+    # 13 steps an epoch: 12 full batches as blocks that end at evaluations, then one of 10 rows eagerly
+    assert step.block_steps == fused.GRAPH_STEPS and gemm.calls > 0
+    assert graphs.captures == len(step.captured) + 1  # each block once, and the trial capture
+    assert len(step.captured) == {5: 9, 13: 1}[eval_every]
+    if eval_every == 13:  # every epoch has the same block, (0, 12): captured once, replayed thrice
+        assert graphs.launches == 3
+
+
+def test_graph_engine_when_capture_is_refused_warns_and_trains_eagerly(emulated):
+    kernels, gemm, graphs = graph_setup(emulated, fail_after=0)
+    with pytest.warns(EngineFallbackWarning, match="graph capture failed"):
+        got = fit_with(lambda net, opt, data: fused.FusedStep(net, opt, data, kernels, True, gemm, graphs))
+    ref = fit_with(TrainStep)
+    assert got[0].block_steps == 0 and graphs.launches == 0
+    np.testing.assert_allclose(got[1].batch_loss, ref[1].batch_loss, rtol=1e-10)
+    np.testing.assert_allclose(got[3], ref[3], rtol=1e-9, atol=1e-12)
+
+
+def test_graph_engine_when_a_later_capture_fails_finishes_the_block_eagerly(emulated):
+    kernels, gemm, graphs = graph_setup(emulated, fail_after=3)  # the trial and two blocks succeed
+    with pytest.warns(EngineFallbackWarning, match="graph capture failed") as caught:
+        got = fit_with(lambda net, opt, data: fused.FusedStep(net, opt, data, kernels, True, gemm, graphs))
+    ref = fit_with(TrainStep)
+    assert len(caught) == 1 and got[0].block_steps == 0 and graphs.launches >= 2
+    np.testing.assert_allclose(got[1].batch_loss, ref[1].batch_loss, rtol=1e-10)
+    assert got[1].batch_error == ref[1].batch_error
+    np.testing.assert_allclose(got[3], ref[3], rtol=1e-9, atol=1e-12)
+
+
+def test_run_block_refuses_what_is_not_a_block_of_full_batches(emulated):
+    kernels, gemm, graphs = graph_setup(emulated)
+    net = gpunn.MLP([12, 4], device="cpu", dtype="float64")
+    data = DeviceDataset(np.zeros((50, 12), np.uint8), np.zeros(50, int), net.device)
+    step = fused.FusedStep(net, gpunn.SGD(net, 0.1), data, kernels, True, gemm, graphs)
+    order = np.arange(50)
+    with pytest.raises(ValueError, match="full mini-batches"):
+        step.run_block(order, 4, 2, 10, [0.1, 0.1])  # rows 40…59 of 50
+    with pytest.raises(ValueError, match="full mini-batches"):
+        step.run_block(order, 0, fused.GRAPH_STEPS + 1, 0, [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        costs, errors = step.run_block(order, 0, 5, 10, [0.1] * 5)
+    assert costs.shape == errors.shape == (5,) and np.all(costs > 0)
+
+
 def test_fused_refuses_what_it_cannot_train():
     for net in (gpunn.MLP([3, 2], task="regression"), gpunn.MLP([3, 1], task="binary")):
         assert "classification only" in fused.fused_support(net)
@@ -148,11 +266,34 @@ def test_fused_step_on_a_gpu_trains_like_the_reference(cuda_device, dtype):
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=tol * 10, atol=tol)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_graph_engine_on_a_gpu_fits_like_the_reference(cuda_device, dtype):
+    rng = np.random.default_rng(4)
+    X8, y = rng.integers(0, 256, (1000, 784), dtype=np.uint8), rng.integers(0, 10, 1000)
+    train, val = DeviceDataset(X8, y, cuda_device), DeviceDataset(X8[:300], y[:300], cuda_device)
+    cfg = Config(hidden=[200], epochs=2, eval_every=5, lr_schedule="cosine", dtype=dtype)
+    results = []
+    for engine in ("xp", "graph"):
+        net, opt = gpunn.train.build(cfg, 784, cuda_device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed capture must fail this test, not fall back quietly
+            step = gpunn.train.make_step(net, opt, train, engine)
+            state = TrainState()
+            fit(net, opt, cfg, train, val, state, step=step)
+        results.append((np.array(state.batch_loss), gpunn.to_numpy(net.theta), step))
+    assert results[1][2].block_steps == fused.GRAPH_STEPS and len(results[1][2].captured) == 2
+    tol = 1e-9 if dtype == "float64" else 1e-4
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=tol)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=tol * 10, atol=tol)
+
+
 def test_fused_engine_falls_back_to_xp_without_a_gpu(tmp_path):
     net = gpunn.MLP([4, 3], device="cpu")
     data = DeviceDataset(np.zeros((5, 4), np.uint8), np.zeros(5, int), net.device)
-    with pytest.warns(gpunn.train.EngineFallbackWarning, match="need a CUDA device"):
-        step = gpunn.train.make_step(net, gpunn.SGD(net), data, "fused")
-    assert isinstance(step, TrainStep)
+    for engine in ("fused", "graph"):
+        with pytest.warns(gpunn.train.EngineFallbackWarning, match="need a CUDA device"):
+            step = gpunn.train.make_step(net, gpunn.SGD(net), data, engine)
+        assert isinstance(step, TrainStep)
     with pytest.raises(ValueError, match="unknown engine"):
         gpunn.train.make_step(net, gpunn.SGD(net), data, "turbo")
