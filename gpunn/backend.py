@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 import numpy
@@ -54,6 +55,24 @@ def import_cublas() -> ModuleType:
     from cupy_backends.cuda.libs import cublas
 
     return cublas
+
+
+def cublas_library():
+    """ctypes handle on the libcublas this process loaded (through CuPy): its C functions, for the
+    calls CuPy's binding refuses while a stream is capturing. DeviceError where none is loaded."""
+    import ctypes
+
+    cupy = import_cupy()
+    cupy.cuda.device.get_cublas_handle()  # makes CuPy load cuBLAS
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        maps = []
+    for line in maps:
+        path = line.split()[-1] if len(line.split()) >= 6 else ""
+        if "libcublas.so" in Path(path).name:
+            return ctypes.CDLL(path)
+    raise DeviceError("cannot find the cuBLAS library CuPy loaded (read from /proc/self/maps)")
 
 
 def _cuda_message(exc: BaseException) -> str:

@@ -18,20 +18,25 @@ gathers read at fixed offsets, each step's learning rate is read from a device b
 the replay, each step's cost and errors go to their own slot, and the products call cuBLAS directly on
 the capturing stream (CuPy refuses its matmul during capture).
 
-Status: none of this has run on a GPU yet. The tests compile the kernels with nvcc and run them,
-compiled as C++, through a sequential CPU emulation against the reference path, with an emulated cuBLAS
-and a recorded-and-replayed "graph"; until a GPU session has checked them, the default stays "xp".
+Status: both engines ran on an NVIDIA H100 (CuPy 14.2, CUDA 13, 2026-11-26): their cuda-marked tests
+pass there (the same updates and evaluations as the reference in float64 and float32), and the
+benchmark measured them (README, Speed). Without a GPU, the tests compile the kernels with nvcc and run
+them, compiled as C++, through a sequential CPU emulation against the reference, with an emulated
+cuBLAS and a recorded-and-replayed "graph". They stay opt-in ("auto" is still "xp" on CUDA) until a GPU
+session has run the whole cuda suite with them as the default: softmax_cross_entropy sums a step's
+cost with atomicAdd, so the recorded J (not θ) may differ in its last bits between two identical runs.
 """
 
 from __future__ import annotations
 
+import ctypes
 import re
 import warnings
 from pathlib import Path
 
 import numpy
 
-from .backend import import_cublas, import_cupy
+from .backend import cublas_library, import_cublas, import_cupy, to_numpy
 from .errors import EngineFallbackWarning
 from .model import MLP, param_views
 from .optim import SGD
@@ -138,42 +143,59 @@ def cublas_arguments(A, B, C, pointer) -> tuple:
 
 
 class CublasGemm:
-    """C = A·B for CuPy arrays through cuBLAS itself, on whatever stream is current: usable during
-    CUDA graph capture, where CuPy's matmul refuses to run. α = 1, β = 0, host pointer mode."""
+    """C = A·B for CuPy arrays by cuBLAS's own C function (cublas<t>gemm_v2 through ctypes), on the
+    handle CuPy uses, on whatever stream that handle is bound to: the one call that may run during
+    stream capture, where CuPy's matmul and its cuBLAS binding refuse. α = 1 and β = 0 are read from
+    the host (CudaGraphs.capture sets host pointer mode, and the capturing stream, before capture)."""
 
     def __init__(self, dtype):
-        self.cublas = import_cublas()
         cupy = import_cupy()
-        self.handle = cupy.cuda.device.get_cublas_handle()  # taken before any capture begins
-        self.gemm = self.cublas.sgemm if numpy.dtype(dtype) == numpy.float32 else self.cublas.dgemm
+        self.handle = cupy.cuda.device.get_cublas_handle()
+        single = numpy.dtype(dtype) == numpy.float32
+        self.function = getattr(cublas_library(), "cublasSgemm_v2" if single else "cublasDgemm_v2")
+        # handle, transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        operand = [pointer, integer]
+        self.function.argtypes = [pointer] + [integer] * 5 + [pointer] + operand * 2 + [pointer] + operand
+        self.function.restype = integer
         self.one, self.zero = numpy.ones(1, dtype=dtype), numpy.zeros(1, dtype=dtype)  # kept alive
-        self.stream = cupy.cuda.get_current_stream
 
     def __call__(self, A, B, C) -> None:
         ta, tb, m, n, k, a, lda, b, ldb, c, ldc = cublas_arguments(A, B, C, lambda x: x.data.ptr)
-        previous = self.cublas.getStream(self.handle)  # CuPy's own products keep their stream
-        self.cublas.setStream(self.handle, self.stream().ptr)
-        try:
-            one, zero = self.one.ctypes.data, self.zero.ctypes.data
-            self.gemm(self.handle, ta, tb, m, n, k, one, a, lda, b, ldb, zero, c, ldc)
-        finally:
-            self.cublas.setStream(self.handle, previous)
+        one, zero = self.one.ctypes.data, self.zero.ctypes.data
+        status = self.function(self.handle, ta, tb, m, n, k, one, a, lda, b, ldb, zero, c, ldc)
+        if status != 0:
+            raise RuntimeError(f"cuBLAS gemm returned status {status}")
 
 
 class CudaGraphs:
-    """Stream capture into a cupy.cuda.Graph, and its replay on the current stream."""
+    """Stream capture into a cupy.cuda.Graph, and its replay on the current stream.
+
+    CuPy's cuBLAS binding refuses every call while a stream captures, so the handle is bound to the
+    capturing stream (and to host pointer mode) before capture begins and given back its old stream
+    and mode after it ends; CublasGemm then calls cuBLAS itself inside.
+    """
 
     def __init__(self):
-        self.cupy = import_cupy()
+        self.cupy, self.cublas = import_cupy(), import_cublas()
 
     def capture(self, enqueue):
-        stream = self.cupy.cuda.Stream(non_blocking=True)
-        with stream:
-            stream.begin_capture()
-            try:
-                enqueue()
-            finally:
-                graph = stream.end_capture()
+        cupy, cublas = self.cupy, self.cublas
+        handle = cupy.cuda.device.get_cublas_handle()
+        stream = cupy.cuda.Stream(non_blocking=True)
+        previous = cublas.getStream(handle), cublas.getPointerMode(handle)
+        cublas.setStream(handle, stream.ptr)
+        cublas.setPointerMode(handle, 0)  # CUBLAS_POINTER_MODE_HOST
+        try:
+            with stream:
+                stream.begin_capture()
+                try:
+                    enqueue()
+                finally:
+                    graph = stream.end_capture()
+        finally:
+            cublas.setStream(handle, previous[0])
+            cublas.setPointerMode(handle, previous[1])
         return graph
 
     def launch(self, graph) -> None:
@@ -207,17 +229,18 @@ class FusedStep:
         self.velocity = opt.velocity if opt.velocity is not None else self.grad  # unused without momentum
         self.act = ACT_CODES[net.activation.name]
         self.buffers: dict[int, _Buffers] = {}
+        self.evaluations: dict[tuple[int, int], list] = {}  # per (data, chunk): rows, slots, graph
         self.lr = xp.zeros(GRAPH_STEPS, dtype=net.dtype)  # γ of each step of a block (slot 0 when eager)
         self._eager_lr = None
         self.graphs = graphs
         self.block_steps = GRAPH_STEPS if graphs else 0  # what fit may hand run_block at once
+        self.records = xp.zeros((GRAPH_STEPS, 2), dtype=numpy.float64)  # (cost, errors) per step
+        self.order = xp.zeros(data.n, dtype=numpy.int64)  # the epoch's permutation, at a fixed address
+        self._order_source = None
+        self.captured: dict[tuple[int, int, int], object] = {}
         if graphs:
             self.gemm = gemm if gemm is not None else CublasGemm(net.dtype)
             self.graph_backend = graph_backend if graph_backend is not None else CudaGraphs()
-            self.records = xp.zeros((GRAPH_STEPS, 2), dtype=numpy.float64)  # (cost, errors) per step
-            self.order = xp.zeros(data.n, dtype=numpy.int64)  # the epoch's permutation, at a fixed address
-            self._order_source = None
-            self.captured: dict[tuple[int, int, int], object] = {}
             self._trial_capture()
 
     def __call__(self, rows, lr):
@@ -226,7 +249,7 @@ class FusedStep:
             self.lr[0] = lr
             self._eager_lr = lr
         self.acc.fill(0)
-        self._enqueue(rows, self.lr[0:1], self.acc, lambda A, B, C: self.net.xp.matmul(A, B, out=C))
+        self._enqueue(rows, self.lr[0:1], self.acc, self._matmul)
         return self.acc[0], self.acc[1]
 
     def _buffers(self, n: int) -> _Buffers:
@@ -234,14 +257,15 @@ class FusedStep:
             self.buffers[n] = _Buffers(self.net, n)
         return self.buffers[n]
 
-    def _enqueue(self, rows, lr, acc, gemm) -> None:
-        """Queue one step's launches: rows (n,) int64, γ at lr[0], (cost, errors) added into acc[0:2]."""
+    def _forward(self, data, rows, acc, gemm) -> _Buffers:
+        """Queue the forward pass and the cost of the rows (n,) int64 of ``data``: Algorithm 6.1 lines
+        1–13, (cost, errors) added into acc[0:2], dZ^(L) into the buffers."""
         net, k = self.net, self.kernels
         n, sizes = rows.shape[0], net.sizes
-        b, L = self._buffers(n), net.L
-        k.launch("gather_batch", n * sizes[0], self.data.X, self.data.y, rows, n, sizes[0], b.X, b.y)
+        b = self._buffers(n)
+        k.launch("gather_batch", n * sizes[0], data.X, data.y, rows, n, sizes[0], b.X, b.y)
         Q = b.X
-        for l in range(L - 1):  # forward, Algorithm 6.1 lines 3–6
+        for l in range(net.L - 1):
             W, bias = net.layers[l].W, net.layers[l].b
             gemm(Q, W.T, b.H[l])
             k.launch(
@@ -250,6 +274,13 @@ class FusedStep:
             Q = b.H[l]
         gemm(Q, net.layers[-1].W.T, b.ZL)
         k.launch("softmax_cross_entropy", n, b.ZL, net.layers[-1].b, b.y, n, sizes[-1], 1.0, b.dZL, acc)
+        return b
+
+    def _enqueue(self, rows, lr, acc, gemm) -> None:
+        """Queue one step's launches: rows (n,) int64, γ at lr[0], (cost, errors) added into acc[0:2]."""
+        net, k = self.net, self.kernels
+        n, sizes, L = rows.shape[0], net.sizes, net.L
+        b = self._forward(self.data, rows, acc, gemm)
         dZ = b.dZL
         for l in reversed(range(L)):  # backward, lines 14–20: (6.27a–d)
             dW, db = self.grads[l]
@@ -276,6 +307,43 @@ class FusedStep:
             int(bool(opt.momentum)),
             int(bool(opt.weight_decay)),
         )
+
+    def evaluate(self, data, chunk: int) -> tuple[float, float]:
+        """(mean cost, misclassification rate) on the whole of ``data`` (a DeviceDataset on this
+        device), ``chunk`` rows at a time by the training step's own forward kernels: about five
+        launches a chunk, or one graph replay with ``graphs``; one synchronisation at the end."""
+        xp = self.net.xp
+        key = (id(data), chunk)
+        if key not in self.evaluations:
+            spans = [(s, min(data.n, s + chunk)) for s in range(0, data.n, chunk)]
+            rows = xp.arange(data.n, dtype=numpy.int64)
+            out = xp.zeros((len(spans), 2), dtype=numpy.float64)  # (mean cost, errors) per chunk
+            for start, stop in spans:
+                self._buffers(stop - start)
+            self.evaluations[key] = [data, spans, rows, out, None]  # holds data: its id stays its own
+        entry = self.evaluations[key]
+        _, spans, rows, out, graph = entry
+
+        def enqueue(gemm):
+            for c, (start, stop) in enumerate(spans):
+                self._forward(data, rows[start:stop], out[c], gemm)
+
+        out.fill(0)
+        if self.graphs and graph is None:
+            try:
+                entry[4] = graph = self.graph_backend.capture(lambda: enqueue(self.gemm))
+            except Exception as exc:
+                self._give_up_graphs(exc)
+        if self.graphs:
+            self.graph_backend.launch(graph)
+        else:
+            enqueue(self._matmul)
+        host = to_numpy(out)
+        sizes = numpy.array([stop - start for start, stop in spans])
+        return float(host[:, 0] @ sizes) / data.n, float(host[:, 1].sum()) / data.n
+
+    def _matmul(self, A, B, C) -> None:
+        self.net.xp.matmul(A, B, out=C)
 
     # --- CUDA graphs ---------------------------------------------------------------------------
 

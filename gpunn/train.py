@@ -168,9 +168,9 @@ def make_step(net: MLP, opt: SGD, data: DeviceDataset, engine: str = "auto"):
 
     "xp"     TrainStep: the shared NumPy/CuPy code, any device, any network (the reference)
     "blas"   blas_step.BlasStep: the CPU engine, prepared BLAS calls (classification, plain SGD)
-    "fused"  fused.FusedStep: CUDA kernels (classification; not yet verified on a GPU)
-    "graph"  fused.FusedStep with CUDA graphs: blocks of steps replayed as one launch (not yet verified)
-    "auto"   "blas" where it can run, else "xp" (so "xp" on CUDA until "fused" has run on a GPU)
+    "fused"  fused.FusedStep: CUDA kernels (classification)
+    "graph"  fused.FusedStep with CUDA graphs: blocks of steps replayed as one launch (classification)
+    "auto"   "blas" where it can run, else "xp" (so "xp" on CUDA: see fused.py's status note)
 
     An explicitly asked-for engine that cannot run this network here falls back to "xp" with an
     EngineFallbackWarning naming the reason ("graph" whose capture fails: to "fused"); "auto" falls
@@ -189,7 +189,11 @@ def make_step(net: MLP, opt: SGD, data: DeviceDataset, engine: str = "auto"):
 
         reason = fused_support(net) if net.device.is_cuda else "the fused kernels need a CUDA device"
         if reason is None:
-            return FusedStep(net, opt, data, graphs=engine == "graph")
+            try:
+                return FusedStep(net, opt, data, graphs=engine == "graph")
+            except Exception as exc:  # NVRTC or CuPy refusing the kernels: train with the reference
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                reason = f"the fused kernels cannot run here ({first_line})"
     if engine not in ("auto", "xp"):
         warnings.warn(f"{reason}; training with the xp engine", EngineFallbackWarning, stacklevel=2)
     return TrainStep(net, opt, data)

@@ -4,8 +4,10 @@ On a GPU, the same comparison runs for real (marked cuda)."""
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import subprocess
+import types
 import warnings
 
 import numpy as np
@@ -17,7 +19,7 @@ from gpunn.data import DeviceDataset
 from gpunn.errors import EngineFallbackWarning
 from gpunn.train import Config, TrainState, TrainStep, fit
 
-from cuda_emulation import EmulatedGemm, EmulatedKernels, RecordingGraphs
+from cuda_emulation import EmulatedGemm, EmulatedKernels, RecordingGraphs, cublas_gemm
 
 
 def test_signatures_are_parsed():
@@ -149,6 +151,118 @@ def test_cublas_arguments_of_views_as_the_fused_step_passes_them(rng):
         EmulatedGemm()(Q[:, ::2], W.T[::2], H)
 
 
+class FakeCublasBinding:
+    """CuPy's cuBLAS binding as it behaves: every call refused while a stream captures."""
+
+    def __init__(self):
+        self.stream, self.mode, self.capturing = 0, 1, False
+
+    def _refuse_during_capture(self):
+        if self.capturing:
+            raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
+
+    def getStream(self, handle):
+        self._refuse_during_capture()
+        return self.stream
+
+    def setStream(self, handle, stream):
+        self._refuse_during_capture()
+        self.stream = stream
+
+    def getPointerMode(self, handle):
+        self._refuse_during_capture()
+        return self.mode
+
+    def setPointerMode(self, handle, mode):
+        self._refuse_during_capture()
+        self.mode = mode
+
+
+class FakeStream:
+    def __init__(self, binding, non_blocking):
+        assert non_blocking  # capture needs a non-blocking stream
+        self.binding, self.ptr = binding, 4242
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def begin_capture(self):
+        self.binding.capturing = True
+
+    def end_capture(self):
+        self.binding.capturing = False
+        return "graph"
+
+
+def fake_cupy(binding):
+    device = types.SimpleNamespace(get_cublas_handle=lambda: 77)
+    cuda = types.SimpleNamespace(
+        device=device, Stream=lambda non_blocking=False: FakeStream(binding, non_blocking)
+    )
+    return types.SimpleNamespace(cuda=cuda)
+
+
+def test_capture_binds_cublas_to_the_capturing_stream_before_it_begins(monkeypatch):
+    binding = FakeCublasBinding()
+    monkeypatch.setattr(fused, "import_cupy", lambda: fake_cupy(binding))
+    monkeypatch.setattr(fused, "import_cublas", lambda: binding)
+    graphs = fused.CudaGraphs()
+    seen = []
+    assert graphs.capture(lambda: seen.append((binding.capturing, binding.stream, binding.mode))) == "graph"
+    assert seen == [(True, 4242, 0)]  # capturing, on the capture stream, host pointer mode
+    assert (binding.capturing, binding.stream, binding.mode) == (False, 0, 1)  # all given back
+
+    def failing():
+        raise RuntimeError("a launch failed")
+
+    with pytest.raises(RuntimeError, match="a launch failed"):
+        graphs.capture(failing)
+    assert (binding.capturing, binding.stream, binding.mode) == (False, 0, 1)
+
+
+class DeviceLike:
+    """A NumPy array dressed as a CuPy one (``.data.ptr``), for CublasGemm's host logic."""
+
+    def __init__(self, array):
+        self.array = array
+        self.shape, self.strides, self.itemsize = array.shape, array.strides, array.itemsize
+        self.data = types.SimpleNamespace(ptr=array.ctypes.data)
+
+    @property
+    def T(self):
+        return DeviceLike(self.array.T)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cublas_gemm_calls_the_c_function_with_host_scalars(monkeypatch, rng, dtype):
+    calls = []
+
+    def gemm_v2(handle, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        kind = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+        calls.append((handle, kind.from_address(alpha).value, kind.from_address(beta).value))
+        cublas_gemm(dtype, ta, tb, m, n, k, a, lda, b, ldb, c, ldc)  # column-major, on raw addresses
+        return 0
+
+    library = types.SimpleNamespace(cublasSgemm_v2=gemm_v2, cublasDgemm_v2=gemm_v2)
+    monkeypatch.setattr(fused, "import_cupy", lambda: fake_cupy(FakeCublasBinding()))
+    monkeypatch.setattr(fused, "cublas_library", lambda: library)
+    A, B = (
+        rng.standard_normal((6, 5)).astype(dtype),
+        np.asfortranarray(rng.standard_normal((5, 4)).astype(dtype)),
+    )
+    C = np.zeros((6, 4), dtype=dtype)
+    gemm = fused.CublasGemm(dtype)
+    gemm(DeviceLike(A), DeviceLike(B), DeviceLike(C))
+    np.testing.assert_allclose(C, A @ B, rtol=1e-5)
+    assert calls == [(77, 1.0, 0.0)]
+    library.cublasSgemm_v2 = library.cublasDgemm_v2 = lambda *args: 13  # CUBLAS_STATUS_EXECUTION_FAILED
+    with pytest.raises(RuntimeError, match="status 13"):
+        fused.CublasGemm(dtype)(DeviceLike(A), DeviceLike(B), DeviceLike(C))
+
+
 def graph_setup(emulated, dtype=np.float64, fail_after=None):
     """(kernels, gemm, graphs) for an emulated graph engine."""
     kernels = emulated[dtype]
@@ -194,13 +308,17 @@ def test_graph_engine_fits_like_the_reference(emulated, eval_every):
     np.testing.assert_allclose(state.batch_loss, ref_state.batch_loss, rtol=1e-10)
     assert state.batch_error == ref_state.batch_error
     assert [r["val_error"] for r in records] == [r["val_error"] for r in ref_records]
+    np.testing.assert_allclose(
+        [r["val_loss"] for r in records], [r["val_loss"] for r in ref_records], rtol=1e-10
+    )
     np.testing.assert_allclose(theta, ref_theta, rtol=1e-9, atol=1e-12)
     # 13 steps an epoch: 12 full batches as blocks that end at evaluations, then one of 10 rows eagerly
     assert step.block_steps == fused.GRAPH_STEPS and gemm.calls > 0
-    assert graphs.captures == len(step.captured) + 1  # each block once, and the trial capture
+    assert graphs.captures == len(step.captured) + 2  # each block once, the evaluation, the trial
     assert len(step.captured) == {5: 9, 13: 1}[eval_every]
+    evaluations = len(records)
     if eval_every == 13:  # every epoch has the same block, (0, 12): captured once, replayed thrice
-        assert graphs.launches == 3
+        assert evaluations == 3 and graphs.launches == 3 + evaluations
 
 
 def test_graph_engine_when_capture_is_refused_warns_and_trains_eagerly(emulated):
@@ -238,6 +356,24 @@ def test_run_block_refuses_what_is_not_a_block_of_full_batches(emulated):
         warnings.simplefilter("error")
         costs, errors = step.run_block(order, 0, 5, 10, [0.1] * 5)
     assert costs.shape == errors.shape == (5,) and np.all(costs > 0)
+    eager = fused.FusedStep(net, gpunn.SGD(net, 0.1), data, kernels)  # without graphs: step by step
+    eager_costs, _ = eager.run_block(order, 0, 5, 10, [0.1] * 5)
+    assert eager_costs.shape == (5,) and np.all(eager_costs < costs)  # five more steps of descent
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph"])
+def test_fused_evaluate_equals_the_reference(emulated, graphs):
+    kernels, gemm, recorder = graph_setup(emulated)
+    rng = np.random.default_rng(8)
+    X8, y = rng.integers(0, 256, (103, 12), dtype=np.uint8), rng.integers(0, 4, 103)
+    data = DeviceDataset(X8, y, gpunn.get_device("cpu"))
+    net = gpunn.MLP([12, 8, 6, 4], "tanh", device="cpu", seed=2, dtype="float64")
+    step = fused.FusedStep(net, gpunn.SGD(net, 0.1), data, kernels, graphs, gemm, recorder)
+    for _ in range(2):  # the second time replays what the first captured
+        cost, error = step.evaluate(data, 25)  # chunks of 25, 25, 25, 25 and 3 rows
+        ref_cost, ref_error = gpunn.train.evaluate(net, data)
+        assert cost == pytest.approx(ref_cost, rel=1e-12) and error == ref_error and 0 < error < 1
+    assert recorder.launches == (2 if graphs else 0)
 
 
 def test_fused_refuses_what_it_cannot_train():
@@ -279,13 +415,15 @@ def test_graph_engine_on_a_gpu_fits_like_the_reference(cuda_device, dtype):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a failed capture must fail this test, not fall back quietly
             step = gpunn.train.make_step(net, opt, train, engine)
-            state = TrainState()
-            fit(net, opt, cfg, train, val, state, step=step)
-        results.append((np.array(state.batch_loss), gpunn.to_numpy(net.theta), step))
+            state, records = TrainState(), []
+            fit(net, opt, cfg, train, val, state, records.append, step=step)
+        val_loss = [r["val_loss"] for r in records]
+        results.append((np.array(state.batch_loss), gpunn.to_numpy(net.theta), step, val_loss))
     assert results[1][2].block_steps == fused.GRAPH_STEPS and len(results[1][2].captured) == 2
     tol = 1e-9 if dtype == "float64" else 1e-4
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=tol)
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=tol * 10, atol=tol)
+    np.testing.assert_allclose(results[1][3], results[0][3], rtol=tol)  # evaluation by replayed graph
 
 
 def test_fused_engine_falls_back_to_xp_without_a_gpu(tmp_path):
@@ -297,3 +435,21 @@ def test_fused_engine_falls_back_to_xp_without_a_gpu(tmp_path):
         assert isinstance(step, TrainStep)
     with pytest.raises(ValueError, match="unknown engine"):
         gpunn.train.make_step(net, gpunn.SGD(net), data, "turbo")
+
+
+def test_fused_kernels_that_cannot_be_built_fall_back_to_xp_with_the_reason(monkeypatch):
+    net = gpunn.MLP([4, 3], device="cpu")
+    monkeypatch.setattr(
+        net, "device", types.SimpleNamespace(is_cuda=True, xp=np)
+    )  # a GPU, as make_step sees it
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("nvrtc: error: invalid value for --gpu-architecture\n(and more lines)")
+
+    monkeypatch.setattr(fused, "FusedStep", broken)
+    data = DeviceDataset(np.zeros((5, 4), np.uint8), np.zeros(5, int), gpunn.get_device("cpu"))
+    with pytest.warns(
+        EngineFallbackWarning, match=r"cannot run here \(nvrtc: error: invalid value.*\); training"
+    ):
+        step = gpunn.train.make_step(net, gpunn.SGD(net), data, "graph")
+    assert isinstance(step, TrainStep)
