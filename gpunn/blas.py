@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy
 
-from .backend import get_array_module
+from .backend import get_array_module, loaded_libraries
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 # (single, double, integer type) for the CBLAS flavours NumPy builds ship: NumPy 2's scipy-openblas
@@ -35,14 +35,7 @@ _searched = False
 
 def _candidate_libraries() -> list[str]:
     """Shared libraries this process has loaded whose name says BLAS (Linux), then NumPy's own."""
-    paths = []
-    try:
-        for line in Path("/proc/self/maps").read_text().splitlines():
-            path = line.split()[-1] if len(line.split()) >= 6 else ""
-            if "blas" in os.path.basename(path).lower() and path not in paths:
-                paths.append(path)
-    except OSError:
-        pass
+    paths = [path for path in loaded_libraries() if "blas" in os.path.basename(path).lower()]
     libs = Path(numpy.__file__).parent.parent / "numpy.libs"
     paths += sorted(str(p) for p in libs.glob("*blas*")) if libs.is_dir() else []
     return paths
