@@ -115,6 +115,27 @@ class _Buffers:
         self.dZL = xp.empty((n, sizes[-1]), dtype=dt)
 
 
+class _Evaluation:
+    """One validation pass of a FusedStep over ``data`` in chunks: the row indices, a (cost, errors)
+    slot per chunk, the chunk sizes, and the pass's CUDA graph once captured. Holds ``data``, so the
+    id it is filed under stays its own."""
+
+    def __init__(self, step, data, chunk: int):
+        xp = step.net.xp
+        self.step, self.data = step, data
+        self.spans = [(s, min(data.n, s + chunk)) for s in range(0, data.n, chunk)]
+        self.sizes = numpy.array([stop - start for start, stop in self.spans])
+        self.rows = xp.arange(data.n, dtype=numpy.int64)
+        self.out = xp.zeros((len(self.spans), 2), dtype=numpy.float64)  # (mean cost, errors) per chunk
+        self.graph = None
+        for size in self.sizes:
+            step._buffers(int(size))  # before any capture
+
+    def enqueue(self, gemm) -> None:
+        for c, (start, stop) in enumerate(self.spans):
+            self.step._forward(self.data, self.rows[start:stop], self.out[c], gemm)
+
+
 def cublas_arguments(A, B, C, pointer) -> tuple:
     """The arguments of a column-major cuBLAS gemm that computes the row-major C = A·B.
 
@@ -229,7 +250,7 @@ class FusedStep:
         self.velocity = opt.velocity if opt.velocity is not None else self.grad  # unused without momentum
         self.act = ACT_CODES[net.activation.name]
         self.buffers: dict[int, _Buffers] = {}
-        self.evaluations: dict[tuple[int, int], list] = {}  # per (data, chunk): rows, slots, graph
+        self.evaluations: dict[tuple[int, int], _Evaluation] = {}
         self.lr = xp.zeros(GRAPH_STEPS, dtype=net.dtype)  # γ of each step of a block (slot 0 when eager)
         self._eager_lr = None
         self.graphs = graphs
@@ -312,35 +333,22 @@ class FusedStep:
         """(mean cost, misclassification rate) on the whole of ``data`` (a DeviceDataset on this
         device), ``chunk`` rows at a time by the training step's own forward kernels: about five
         launches a chunk, or one graph replay with ``graphs``; one synchronisation at the end."""
-        xp = self.net.xp
         key = (id(data), chunk)
         if key not in self.evaluations:
-            spans = [(s, min(data.n, s + chunk)) for s in range(0, data.n, chunk)]
-            rows = xp.arange(data.n, dtype=numpy.int64)
-            out = xp.zeros((len(spans), 2), dtype=numpy.float64)  # (mean cost, errors) per chunk
-            for start, stop in spans:
-                self._buffers(stop - start)
-            self.evaluations[key] = [data, spans, rows, out, None]  # holds data: its id stays its own
-        entry = self.evaluations[key]
-        _, spans, rows, out, graph = entry
-
-        def enqueue(gemm):
-            for c, (start, stop) in enumerate(spans):
-                self._forward(data, rows[start:stop], out[c], gemm)
-
-        out.fill(0)
-        if self.graphs and graph is None:
+            self.evaluations[key] = _Evaluation(self, data, chunk)
+        ev = self.evaluations[key]
+        ev.out.fill(0)
+        if self.graphs and ev.graph is None:
             try:
-                entry[4] = graph = self.graph_backend.capture(lambda: enqueue(self.gemm))
+                ev.graph = self.graph_backend.capture(lambda: ev.enqueue(self.gemm))
             except Exception as exc:
                 self._give_up_graphs(exc)
         if self.graphs:
-            self.graph_backend.launch(graph)
+            self.graph_backend.launch(ev.graph)
         else:
-            enqueue(self._matmul)
-        host = to_numpy(out)
-        sizes = numpy.array([stop - start for start, stop in spans])
-        return float(host[:, 0] @ sizes) / data.n, float(host[:, 1].sum()) / data.n
+            ev.enqueue(self._matmul)
+        host = to_numpy(ev.out)
+        return float(host[:, 0] @ ev.sizes) / data.n, float(host[:, 1].sum()) / data.n
 
     def _matmul(self, A, B, C) -> None:
         self.net.xp.matmul(A, B, out=C)
