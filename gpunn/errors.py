@@ -18,11 +18,23 @@ class DataError(GpunnError):
 
 
 class CheckpointError(GpunnError):
-    """A checkpoint or run folder is missing, damaged, or does not fit the run."""
+    """A checkpoint, saved model or run folder is missing, damaged, or does not fit the run."""
+
+
+class RunFolderError(GpunnError):
+    """A run folder cannot be used: another run holds it, or it cannot be created or written."""
+
+
+class WriteError(GpunnError):
+    """A file could not be written (disk full, no permission, ...); the message names the file."""
+
+
+class DistributedError(GpunnError):
+    """Running under MPI failed: mpi4py or NCCL missing, ranks disagreeing, a collective failing."""
 
 
 class DivergenceError(GpunnError):
-    """The training cost became non-finite."""
+    """The training cost became non-finite, or exploded far above its starting value."""
 
 
 class EngineFallbackWarning(UserWarning):
