@@ -39,9 +39,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gpunn
-from gpunn.data import DeviceDataset, epoch_order, load_idx_dataset, resolve_data_dir
+from gpunn.data import PIXEL_SCALE, DeviceDataset, epoch_order, load_idx_dataset, resolve_data_dir
+from gpunn.engines import EVAL_CHUNK, make_engine
 from gpunn.model import init_theta, param_views
-from gpunn.train import EVAL_CHUNK, Config, TrainState, build, fit, make_step
 
 MODELS = {"784-200-10": [200], "784-10": []}
 PAUSE_S = 0.2  # between blocks, so the other framework's idle threads stop spinning before timing
@@ -60,44 +60,53 @@ def matmul_flops(hidden, n_train=60000, n_val=10000, batch=100, epochs=15, eval_
 
 
 class GpunnRun:
-    """gpunn's own training loop (gpunn.train.fit, what train_mnist.py runs), one epoch at a time."""
+    """gpunn's own training loop (gpunn.fit, what train_mnist.py runs), one epoch at a time."""
 
     def __init__(self, device, train, val, hidden, seed, engine="auto"):
-        self.device, self.hidden, self.seed, self.engine = device, hidden, seed, engine
-        self.name = f"gpunn-{engine}"
+        self.device, self.seed = device, seed
+        self.net = gpunn.MLP([784, *hidden, 10], "relu", "classification", device, seed, "float32")
+        self.theta0 = self.net.theta.copy()
         t0 = time.perf_counter()
-        self.train = DeviceDataset(train.X, train.y, device)
-        self.val = DeviceDataset(val.X, val.y, device)
+        self.train = DeviceDataset(self.net, train.X, train.y, PIXEL_SCALE)
+        self.val = DeviceDataset(self.net, val.X, val.y, PIXEL_SCALE)
         device.synchronize()
         self.upload_s = time.perf_counter() - t0
+        # The engine (its buffers, prepared calls and captured CUDA graphs, which hold θ's address) is
+        # made once, as a training run makes it once: kernel compilation, prepared calls, trial capture.
+        self.optimizer = gpunn.SGD(self.net, lr=0.5)
+        t0 = time.perf_counter()
+        self.engine = make_engine(engine, self.net, self.optimizer, self.train)
+        device.synchronize()
+        self.build_s = time.perf_counter() - t0
+        self.name = f"gpunn-{self.engine.name}"
         self.reset()
 
     def reset(self):
-        """Back to the initial weights, in place: the step (its buffers, prepared calls and captured
-        CUDA graphs, which hold θ's address) is made once, as a training run makes it once."""
-        self.cfg = Config(hidden=self.hidden, seed=self.seed, epochs=0)
-        if not hasattr(self, "step"):
-            self.net, self.opt = build(self.cfg, 784, self.device)
-            self.theta0 = self.net.theta.copy()
-            self.device.synchronize()
-            t0 = time.perf_counter()  # kernel compilation (CUDA engines), prepared calls, trial capture
-            self.step = make_step(self.net, self.opt, self.train, self.engine)
-            self.device.synchronize()
-            self.build_s = time.perf_counter() - t0
+        """Back to the initial weights, in place."""
         self.net.theta[...] = self.theta0
-        self.state = TrainState()
-        self.records = []
+        self.history = gpunn.History()
+        self.records = self.history.records
 
     def epoch(self, e):
-        self.cfg.epochs = e + 1
-        net, opt, cfg = self.net, self.opt, self.cfg
-        fit(net, opt, cfg, self.train, self.val, self.state, self.records.append, step=self.step)
+        gpunn.fit(
+            self.net,
+            self.train,
+            epochs=e + 1,
+            batch_size=100,
+            optimizer=self.optimizer,
+            validation_data=self.val,
+            eval_every=100,
+            seed=self.seed,
+            engine=self.engine,
+            progress=False,
+            history=self.history,
+        )
 
     def sync(self):
         self.device.synchronize()
 
     def losses(self):
-        return np.asarray(self.state.batch_loss)
+        return np.asarray(self.history.batch_loss)
 
     def memory(self):
         return self.device.memory_used()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from pathlib import Path
 from types import ModuleType
 
 import numpy
@@ -55,29 +54,6 @@ def import_cublas() -> ModuleType:
     from cupy_backends.cuda.libs import cublas
 
     return cublas
-
-
-def loaded_libraries() -> list[str]:
-    """Paths of the files this process has mapped (its shared libraries among them), in load order,
-    each once: Linux's /proc/self/maps, empty elsewhere."""
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return []
-    paths = [fields[-1] for fields in map(str.split, lines) if len(fields) >= 6]
-    return list(dict.fromkeys(paths))
-
-
-def cublas_library():
-    """ctypes handle on the libcublas this process loaded (through CuPy): its C functions, for the
-    calls CuPy's binding refuses while a stream is capturing. DeviceError where none is loaded."""
-    import ctypes
-
-    import_cupy().cuda.device.get_cublas_handle()  # makes CuPy load cuBLAS
-    for path in loaded_libraries():
-        if "libcublas.so" in Path(path).name:
-            return ctypes.CDLL(path)
-    raise DeviceError("cannot find the cuBLAS library CuPy loaded (read from /proc/self/maps)")
 
 
 def _cuda_message(exc: BaseException) -> str:

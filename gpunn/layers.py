@@ -16,8 +16,9 @@ and, going back, from dQ^(l) = ∂J/∂Q^(l):
 gpunn's dZ^(L) already carries the 1/n_b of the mean cost (see losses.py), so lines 18–19 need no
 further 1/n_b: every dZ^(l) here is exactly ∇_{Z^(l)} J.
 
-Every method takes optional ``out`` buffers. Without them it allocates (the plain reference path);
-with them (see model.Workspace) a training step allocates nothing.
+``forward`` takes optional output buffers (without them it allocates); ``backward`` writes into the
+buffers it is given (model.Workspace holds them), so no array of the mini-batch's size is allocated per
+step. NumPy still makes a few small temporaries (the ReLU mask Z > 0, for one).
 """
 
 from __future__ import annotations
@@ -114,11 +115,6 @@ class Dense:
         self.W, self.b, self.activation, self.xp = W, b, activation, xp
         self.Q_prev = self.Z = self.Q = None
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(U_l, U_{l-1})."""
-        return self.W.shape
-
     def forward(self, Q_prev, Z=None, Q=None):
         """Q_prev (n_b, U_{l-1}) -> Q (n_b, U_l); ``Z``/``Q`` are optional output buffers."""
         xp = self.xp
@@ -128,15 +124,13 @@ class Dense:
         self.Q_prev, self.Z, self.Q = Q_prev, Z, Q
         return Q
 
-    def backward(self, dQ, dW=None, db=None, dQ_prev=None, need_dQ_prev=True, inplace=False):
-        """dQ^(l) (n_b, U_l) -> (dQ^(l-1) or None, dW^(l), db^(l)), by (6.27a–d).
-
-        ``inplace=True`` lets dZ^(l) overwrite ``dQ``. ``need_dQ_prev=False`` skips (6.27b), whose
-        result for layer 1 would be the gradient with respect to the data.
-        """
+    def backward(self, dQ, dW, db, dQ_prev=None) -> None:
+        """From dQ^(l) (n_b, U_l), which becomes dZ^(l) in place (6.27a), fill dW^(l) (U_l, U_{l-1})
+        by (6.27c), db^(l) (U_l,) by (6.27d) and, when a buffer is given, dQ^(l-1) (n_b, U_{l-1}) by
+        (6.27b); layer 1 gets none, since the gradient with respect to the data is not needed."""
         xp = self.xp
-        dZ = self.activation.backward(xp, dQ, self.Z, self.Q, out=dQ if inplace else None)
-        dQ_prev = xp.matmul(dZ, self.W, out=dQ_prev) if need_dQ_prev else None
-        dW = xp.matmul(dZ.T, self.Q_prev, out=dW)
-        db = xp.sum(dZ, axis=0, out=db)
-        return dQ_prev, dW, db
+        dZ = self.activation.backward(xp, dQ, self.Z, self.Q, out=dQ)
+        if dQ_prev is not None:
+            xp.matmul(dZ, self.W, out=dQ_prev)  # with the W of this step, before any update
+        xp.matmul(dZ.T, self.Q_prev, out=dW)
+        xp.sum(dZ, axis=0, out=db)

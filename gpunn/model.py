@@ -3,6 +3,7 @@
     net = MLP([784, 200, 10], activation="relu", task="classification", device=dev, seed=0)
     Z = net.forward(X)               # Z^(L) (n, M): logits, or ŷ for regression
     J, grads = backprop(net, X, y)   # the mini-batch cost and [(dW1, db1), ..., (dWL, dbL)]
+    net.predict(X); net.predict_proba(X); net.save("model.npz")
 
 Parameters live in one flat vector ``net.theta`` laid out as (6.17),
 θ = [vec(W^(1))ᵀ b^(1)ᵀ … vec(W^(L))ᵀ b^(L)ᵀ]ᵀ, with vec stacking columns as in the book. Each W^(l) is a
@@ -22,11 +23,6 @@ from .losses import LOSSES, count_errors
 
 TASKS = tuple(LOSSES)
 DTYPES = ("float32", "float64")
-
-
-def param_shapes(sizes) -> list[tuple[tuple[int, int], tuple[int]]]:
-    """[((U_1, U_0), (U_1,)), …, ((U_L, U_{L-1}), (U_L,))] for sizes [U_0, …, U_L]."""
-    return [((u, u_prev), (u,)) for u_prev, u in itertools.pairwise(sizes)]
 
 
 def augmented_views(flat, sizes) -> list:
@@ -52,6 +48,15 @@ def flatten(pairs):
     return xp.concatenate([a.ravel(order="F") for pair in pairs for a in pair])
 
 
+def weight_mask(sizes, dtype=numpy.float64) -> numpy.ndarray:
+    """A θ-shaped host vector: 1 at the entries of every W^(l), 0 at the offsets b^(l) (weight decay
+    applies to the weights only)."""
+    mask = numpy.zeros(sum(u * (p + 1) for p, u in itertools.pairwise(sizes)), dtype=dtype)
+    for W, _ in param_views(mask, sizes):
+        W[...] = 1
+    return mask
+
+
 def init_theta(sizes, activation: str, seed: int, dtype) -> numpy.ndarray:
     """θ drawn on the host from ``numpy.random.default_rng(seed)``, so every device starts the same.
 
@@ -66,6 +71,12 @@ def init_theta(sizes, activation: str, seed: int, dtype) -> numpy.ndarray:
         gain = 2.0 if activation == "relu" and l < len(layers) - 1 else 1.0
         W[...] = rng.standard_normal(W.shape) * numpy.sqrt(gain / W.shape[1])
     return theta.astype(dtype)
+
+
+def _first(mask) -> int | None:
+    """Index of the first true entry of a 1-d mask (host or device), or None."""
+    mask = to_numpy(mask)
+    return int(numpy.argmax(mask)) if mask.any() else None
 
 
 class MLP:
@@ -96,6 +107,8 @@ class MLP:
             raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
         if task == "binary" and sizes[-1] != 1:
             raise ValueError(f"task 'binary' has one output logit; got U_L = {sizes[-1]}")
+        if task == "classification" and sizes[-1] < 2:
+            raise ValueError(f"task 'classification' needs U_L = M >= 2 classes; got {sizes[-1]}")
         if str(dtype) not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}; got {dtype!r}")
         self.sizes, self.task, self.seed = sizes, task, int(seed)
@@ -134,51 +147,112 @@ class MLP:
             f"device={self.device.name}, dtype={self.dtype.name})"
         )
 
-    def inputs(self, X):
-        """X as a (n, U_0) array of the network's dtype on its device."""
-        X = self.device.asarray(X, dtype=self.dtype)
+    def describe(self) -> dict:
+        """What rebuilds this network (its parameters aside): sizes, activation, task, dtype, seed."""
+        return {
+            "sizes": list(self.sizes),
+            "activation": self.activation.name,
+            "task": self.task,
+            "dtype": self.dtype.name,
+            "seed": self.seed,
+        }
+
+    # --- checked inputs and targets --------------------------------------------------------------
+
+    def inputs(self, X, input_scale=None):
+        """X (n, U_0) of any real dtype, NumPy or CuPy, as the network's dtype on its device, times
+        ``input_scale`` if given. ValueError for a wrong shape or, naming the first, a row that is not
+        finite."""
+        X = self.device.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.sizes[0]:
             raise ValueError(f"X must have shape (n, {self.sizes[0]}); got {X.shape}")
-        return X
+        if X.dtype.kind not in "biuf":
+            raise ValueError(f"X must hold real numbers; got dtype {X.dtype}")
+        if X.dtype.kind == "f":
+            bad = _first(~self.xp.isfinite(X).all(axis=1))
+            if bad is not None:
+                raise ValueError(f"X row {bad} is not finite (inf or nan)")
+        X = X.astype(self.dtype, copy=False)
+        return X * self.dtype.type(input_scale) if input_scale is not None else X
 
     def targets(self, y, n: int):
-        """y on the device: int labels for classification, floats shaped like Z^(L) otherwise."""
-        if self.task == "classification":
-            y = self.device.asarray(y)
-            if y.shape != (n,) or y.dtype.kind not in "iu":
-                raise ValueError(f"labels must be integers of shape ({n},); got {y.dtype} {y.shape}")
+        """y checked against the task, on the device: labels (n,) int32 in 0…M−1 (classification),
+        (n,) of the network's dtype in {0, 1} (binary; (n, 1) taken too), or finite values (n, U_L)
+        (regression; (n,) also when U_L = 1). ValueError naming the first bad row."""
+        y = self.device.asarray(y)
+        xp, M = self.xp, self.sizes[-1]
+        if self.task == "regression":
+            if y.shape not in ((n, M), (n,) if M == 1 else (n, M)) or y.dtype.kind not in "biuf":
+                raise ValueError(f"targets must be real values of shape ({n}, {M}); got {y.dtype} {y.shape}")
+            y = y.reshape(n, M).astype(self.dtype, copy=False)
+            bad = _first(~xp.isfinite(y).all(axis=1))
+            if bad is not None:
+                raise ValueError(f"target row {bad} is not finite (inf or nan)")
             return y
-        y = self.device.asarray(y, dtype=self.dtype)
-        if y.size != n * self.sizes[-1] or y.shape[0] != n:
-            raise ValueError(f"targets must have {n} rows of {self.sizes[-1]}; got shape {y.shape}")
-        return y.reshape(n, self.sizes[-1])
+        if self.task == "binary" and y.shape == (n, 1):
+            y = y.reshape(n)
+        if y.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},); got {y.shape}")
+        if self.task == "binary":
+            if y.dtype.kind not in "biuf":
+                raise ValueError(f"binary labels must be 0 or 1; got dtype {y.dtype}")
+            bad = _first((y != 0) & (y != 1))
+            if bad is not None:
+                raise ValueError(f"binary labels must be 0 or 1; row {bad} has {to_numpy(y[bad])}")
+            return y.astype(self.dtype)
+        if y.dtype.kind not in "iu":
+            raise ValueError(f"labels must be integers 0…{M - 1}; got dtype {y.dtype}")
+        bad = _first((y < 0) | (y >= M))
+        if bad is not None:
+            raise ValueError(f"labels must lie in 0…{M - 1}; row {bad} has {int(to_numpy(y[bad]))}")
+        return y.astype(numpy.int32)
+
+    # --- the network's outputs -----------------------------------------------------------------
 
     def forward(self, X, ws: Workspace | None = None):
         """Z^(L) (n, U_L) for inputs X (n, U_0): forward propagation, Algorithm 6.1 lines 1–6.
 
-        With a Workspace for n rows (and X already on the device in the network's dtype), every
-        intermediate goes into its buffers and Z^(L) is ``ws.Z[-1]``.
+        With a Workspace for n rows (and X already on the device in the network's dtype: no checks),
+        every intermediate goes into its buffers and Z^(L) is ``ws.Z[-1]``.
         """
-        Q = self.inputs(X) if ws is None else X
+        return self._propagate(self.inputs(X) if ws is None else X, ws)
+
+    def _propagate(self, Q, ws=None):
         for l, layer in enumerate(self.layers):
             Q = layer.forward(Q, *(ws.Z[l], ws.Q[l]) if ws else ())
         return Q
 
-    def predict(self, X):
+    def predict(self, X, input_scale=None):
         """Class labels (n,) for classification and binary, ŷ for regression ((n,) if U_L = 1)."""
-        Z = self.forward(X)
+        Z = self._propagate(self.inputs(X, input_scale))
         if self.task == "classification":
             return Z.argmax(axis=1)
         if self.task == "binary":
             return (Z[:, 0] > 0).astype(numpy.int64)
         return Z[:, 0] if Z.shape[1] == 1 else Z
 
+    def predict_proba(self, X, input_scale=None):
+        """Class probabilities, one column per class, rows summing to 1: softmax(Z^(L)) (n, M) for
+        classification (6.15), [1 − σ(z), σ(z)] (n, 2) for binary; ValueError for regression."""
+        if self.task == "regression":
+            raise ValueError("a regression network has no class probabilities; use predict")
+        xp = self.xp
+        Z = self._propagate(self.inputs(X, input_scale))
+        if self.task == "binary":
+            p = (xp.tanh(Z[:, 0] * 0.5) + 1) * 0.5  # σ(z), as losses.sigmoid_cross_entropy
+            return xp.stack([1 - p, p], axis=1)
+        P = xp.exp(Z - Z.max(axis=1, keepdims=True))
+        P /= P.sum(axis=1, keepdims=True)
+        return P
+
     def loss(self, X, y):
         """(J, number of misclassified rows or None) on (X, y), as 0-d device arrays."""
         Z = self.forward(X)
         y = self.targets(y, Z.shape[0])
-        J, _ = LOSSES[self.task](Z, y)
+        J, _ = LOSSES[self.task](Z, y, grad=False)
         return J, count_errors(Z, y, self.task)
+
+    # --- parameters in and out -----------------------------------------------------------------
 
     def state(self) -> dict[str, numpy.ndarray]:
         """Host copies of the parameters, named W1, b1, …, in the book's shapes."""
@@ -198,27 +272,36 @@ class MLP:
                     raise ValueError(f"{name} has shape {value.shape}, the network needs {live.shape}")
                 live[...] = value
 
+    def save(self, path) -> None:
+        """Write the network to ``path`` (.npz: W1, b1, … and the architecture as JSON, no pickle),
+        atomically; ``gpunn.load(path)`` rebuilds it."""
+        from .checkpoint import save_model
+
+        save_model(path, self)
+
+    def export_onnx(self, path, opset=None):
+        """Write the network as an ONNX model (needs the optional extra ``onnx``); see gpunn.export."""
+        from .export import export_onnx
+
+        return export_onnx(self, path, opset=opset)
+
 
 class Workspace:
-    """Every array Algorithm 6.1 needs for mini-batches of ``n`` rows, allocated once.
+    """Every array Algorithm 6.1 writes for mini-batches of ``n`` rows, allocated once.
 
-    X (n, U_0) and its uint8 staging copy (for device-resident data), Z[l] and Q[l] (n, U_{l+1}) for
-    each layer (Q[L-1] is None: the last layer has no h), dQ[l] (n, U_l) for l ≥ 1 (dZ overwrites it
-    in place), dZ^(L), y (n,), ``rows`` = arange(n), and the gradient as one θ-shaped vector ``grad``
-    with the per-layer views ``grads``. Pass ``grad`` to share one gradient buffer between workspaces.
-
-    ``forward_only=True`` (evaluation) allocates no gradients and lets h overwrite Z in place.
+    Z[l] and Q[l] (n, U_{l+1}) for each layer (Q[L-1] is None: the last layer has no h), dQ[l] (n, U_l)
+    for l ≥ 1 (dZ overwrites it in place), dZ^(L) (n, U_L), the loss's small buffers, and the gradient
+    as one θ-shaped vector ``grad`` with the per-layer views ``grads``. Pass ``grad`` to share one
+    gradient buffer between workspaces. ``forward_only=True`` (evaluation) allocates no gradients and
+    lets h overwrite Z in place.
     """
 
     def __init__(self, net: MLP, n: int, grad=None, forward_only: bool = False):
         xp, dtype, sizes = net.xp, net.dtype, net.sizes
         self.n = n
-        self.X = xp.empty((n, sizes[0]), dtype=dtype)
-        self.staging = xp.empty((n, sizes[0]), dtype=numpy.uint8)
-        self.y = xp.empty(n, dtype=numpy.int32)
         self.Z = [xp.empty((n, u), dtype=dtype) for u in sizes[1:]]
         self.dZL = xp.empty((n, sizes[-1]), dtype=dtype)
-        self.rows = xp.arange(n)
+        self.loss_work: dict = {}
         if forward_only:
             self.Q, self.dQ, self.grad, self.grads = [*self.Z[:-1], None], None, None, None
             return
@@ -231,22 +314,23 @@ class Workspace:
 def backprop(net: MLP, X, y, ws: Workspace | None = None, scale=1.0):
     """Algorithm 6.1 on one mini-batch: returns (J, [(dW^(1), db^(1)), …, (dW^(L), db^(L))]).
 
-    X (n_b, U_0) inputs, one data point per row; y (n_b,) labels or (n_b,)/(n_b, M) targets. J is the
-    mean cost over the mini-batch (a 0-d array on the network's device) and each gradient has the
-    shape of its parameter: dW^(l) (U_l, U_{l-1}), db^(l) (U_l,).
+    X (n_b, U_0) inputs, one data point per row; y (n_b,) labels or (n_b,)/(n_b, M) targets, checked
+    (ValueError naming the first bad row). J is the mean cost over the mini-batch (a 0-d array on the
+    network's device) and each gradient has the shape of its parameter: dW^(l) (U_l, U_{l-1}),
+    db^(l) (U_l,), views into one θ-shaped vector. ``scale`` multiplies every gradient (it scales
+    dZ^(L), on which all of (6.27) is linear).
 
-    Without ``ws`` every array is freshly allocated. With a Workspace for n_b rows (X and y already on
-    the device) nothing is: the gradients are the workspace's ``grads``, overwritten by the next call,
-    and ``ws.grad`` holds them as one θ-shaped vector for the optimizer. ``scale`` multiplies every
-    gradient (it scales dZ^(L), on which all of (6.27) is linear).
+    It always runs on a Workspace: a temporary one by default. A training step passes its own for n_b
+    rows, with X and y already on the device in the network's types (then nothing is checked, and the
+    gradients are the workspace's, overwritten by the next call).
     """
-    Z = net.forward(X, ws)  # lines 1–6; every layer caches Q^(l-1), Z^(l), Q^(l)
     if ws is None:
-        y = net.targets(y, Z.shape[0])
-    J, dQ = LOSSES[net.task](Z, y, *(ws.dZL, ws.rows) if ws else (None, None), scale)  # lines 7–13
-    grads = [None] * net.L
+        X = net.inputs(X)
+        y = net.targets(y, X.shape[0])
+        ws = Workspace(net, X.shape[0])
+    Z = net.forward(X, ws)  # lines 1–6; every layer caches Q^(l-1), Z^(l), Q^(l)
+    J, dQ = LOSSES[net.task](Z, y, dZ=ws.dZL, scale=scale, work=ws.loss_work)  # lines 7–13
     for l in reversed(range(net.L)):  # lines 14–20, for l = L, …, 1
-        out = (*ws.grads[l], ws.dQ[l]) if ws else ()
-        dQ, dW, db = net.layers[l].backward(dQ, *out, need_dQ_prev=l > 0, inplace=ws is not None)
-        grads[l] = (dW, db)
-    return J, ws.grads if ws else grads
+        net.layers[l].backward(dQ, *ws.grads[l], dQ_prev=ws.dQ[l])
+        dQ = ws.dQ[l]
+    return J, ws.grads

@@ -9,7 +9,7 @@ import numpy
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .train import write_atomic
+from .files import write_atomic
 
 
 def plot_training_curves(path: Path, batch_loss, batch_error, records: list, title: str) -> None:

@@ -1,55 +1,381 @@
-"""Mini-batch SGD on a device-resident dataset (Example 6.2), as plain functions.
+"""Training: ``fit``, mini-batch SGD (or Adam) over any engine, on your own arrays or a stored data set.
 
-    cfg = Config(hidden=[200])                       # the lecture's recipe: γ = 0.5, n_b = 100, 15 epochs
-    net, opt = build(cfg, train_set, device)
-    state = TrainState()
-    fit(net, opt, cfg, train_set, val_set, state, on_eval=print)
+    history = gpunn.fit(net, X, y, epochs=30, batch_size=32, optimizer="adam", lr=1e-3,
+                        validation_data=(X_val, y_val), seed=0)
+    history.records[-1]["val_error"]     # one record per evaluation, the keys of metrics.jsonl
+    history.batch_loss                   # every iteration's mini-batch cost (Figures 6.7/6.8)
 
-Every iteration records the mini-batch cost and misclassification rate on the device (the blue curves
-of Figures 6.7/6.8); they are fetched only at evaluation points and checkpoints, so the step itself
-never waits for the device. Every ``eval_every`` iterations and at the end the whole validation set is
-evaluated (the red curves). Checkpoints are written atomically and hold everything needed to continue
-the run bit for bit: parameters, optimizer state, iteration, per-iteration history and the config
-(whose seed fixes every epoch's data order, see ``data.epoch_order``).
+The data go to the network's device once and stay there. Each epoch visits the rows in an order that
+is a function of the seed and the epoch alone (``data.epoch_order``), so every device and every
+resumed run sees the same mini-batches. The loop talks to one engine (engines/) through its contract
+and never knows which: it hands the engine stretches of iterations that never cross an evaluation or
+an epoch's end, records every iteration's cost and error count on the device, and fetches them only at
+evaluations, epoch ends and stops, so an iteration never waits for the device.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import tempfile
 import time
-import warnings
-import zipfile
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterable
+from typing import ClassVar
 
 import numpy
 
-from .backend import Device, to_numpy
+from .backend import to_numpy
 from .data import DeviceDataset
-from .errors import CheckpointError, DivergenceError, EngineFallbackWarning
+from .distributed import get_communicator
+from .engines import ENGINE_NAMES, Engine, make_engine
+from .errors import DivergenceError
 from .layers import ACTIVATIONS
-from .losses import LOSSES, count_errors
-from .model import DTYPES, MLP, Workspace, backprop
-from .optim import SCHEDULES, SGD, Schedule
+from .losses import LOSSES
+from .model import DTYPES, MLP
+from .optim import OPTIMIZERS, SCHEDULES, Optimizer, Schedule, make_optimizer
 
-CHECKPOINT_FORMAT = "gpunn-checkpoint-1"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-EVAL_CHUNK = 1000
+DIVERGENCE_FACTOR = 10.0  # default: stop when the mini-batch cost stays this far above its start
+DIVERGENCE_WINDOW = 20  # "stays": the median of this many recent iterations
+START_SAMPLE = 1000  # rows of the first epoch on which the starting cost is measured
+
+
+@dataclasses.dataclass
+class History:
+    """Where a run stands and how it got there.
+
+    iteration    iterations done;  train_time  seconds of training so far (evaluations excluded)
+    batch_loss   every iteration's mini-batch cost J;  batch_error  its misclassification rate (NaN for
+                 regression): the blue curves of Figures 6.7/6.8
+    records      one dict per evaluation: iteration, epoch, train_loss/train_error (mini-batch means
+                 since the previous evaluation), val_loss, val_error (None without validation data, or
+                 for regression), lr, time_s: the keys of the CLI's metrics.jsonl
+    start_cost   the cost of the initial network on a sample of the training rows (the divergence
+                 rule's reference; None until fit measures it)
+    """
+
+    iteration: int = 0
+    train_time: float = 0.0
+    batch_loss: list = dataclasses.field(default_factory=list)
+    batch_error: list = dataclasses.field(default_factory=list)
+    records: list = dataclasses.field(default_factory=list)
+    start_cost: float | None = None
+
+
+class Callback:
+    """Hooks into ``fit``; override what you need. ``fit`` calls ``on_step`` after every iteration,
+    ``on_eval`` with each evaluation's record, ``on_checkpoint`` at every epoch's end and when the run
+    stops early (a moment to save), and asks ``should_stop`` after every stretch of iterations."""
+
+    def on_step(self, iteration: int) -> None:
+        pass
+
+    def on_eval(self, record: dict) -> None:
+        pass
+
+    def on_checkpoint(self, history: History) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def iterations_per_epoch(n: int, batch_size: int) -> int:
+    """⌈n / n_b⌉: the last, partial mini-batch of an epoch is kept."""
+    return -(-n // batch_size)
+
+
+def _whole(name: str, value, low: int = 1, high: int = 1 << 40) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number in {low}…{high}; got {value!r}")
+    return int(value)
+
+
+@numpy.errstate(over="ignore", invalid="ignore", divide="ignore")  # divergence is reported, not warned
+def fit(
+    net: MLP,
+    X,
+    y=None,
+    *,
+    epochs: int = 10,
+    batch_size: int = 32,
+    optimizer: str | Optimizer = "sgd",
+    lr: float | None = None,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    lr_schedule: str = "constant",
+    lr_step_epochs: int = 5,
+    lr_gamma: float = 0.1,
+    validation_data=None,
+    eval_every: int | None = None,
+    seed: int = 0,
+    engine: str | Engine = "auto",
+    progress: bool | None = None,
+    callbacks: Iterable[Callback] = (),
+    on_eval: Callable[[dict], None] | None = None,
+    input_scale: float | None = None,
+    divergence_factor: float | None = DIVERGENCE_FACTOR,
+    history: History | None = None,
+    comm=None,
+) -> History:
+    """Train ``net`` on inputs X (n, U_0) and targets y by mini-batch gradient descent; return the
+    History (pass it back as ``history`` to continue a run to more ``epochs``).
+
+    X, y            NumPy or CuPy arrays (X any real dtype; y: integer labels 0…M−1, 0/1 for binary,
+                    values (n, U_L) or (n,) for regression), checked and kept on the network's device:
+                    float inputs as given, integer inputs (uint8 images) compact, converted per
+                    mini-batch and multiplied by ``input_scale``. Or X a DeviceDataset (y None).
+    epochs          passes over the training set (the total, counting those in ``history``)
+    batch_size      n_b; an epoch's last mini-batch may be smaller
+    optimizer       "sgd" (``lr`` default 0.5, ``momentum``, ``weight_decay``), "adam" (``lr`` default
+                    1e-3, ``weight_decay``), or an Optimizer object for ``net`` (its own hyperparameters)
+    lr_schedule     "constant", "step" (× ``lr_gamma`` every ``lr_step_epochs`` epochs) or "cosine"
+    validation_data (X_val, y_val), or a DeviceDataset, evaluated every ``eval_every`` iterations
+                    (default: once per epoch) and at the end
+    seed            fixes every epoch's order (the network's initial θ comes from its own seed)
+    engine          "auto" (the fastest that can run this here), a name from engines.REGISTRY, or an
+                    Engine made for this network, optimizer and training data
+    progress        tqdm bars on stderr (default: when stderr is a terminal)
+    callbacks       Callback objects; ``on_eval`` a function called with each evaluation's record
+    divergence_factor  stop with DivergenceError when the median mini-batch cost of the last
+                    DIVERGENCE_WINDOW iterations exceeds this times the initial network's cost
+                    (None: only a non-finite cost stops the run)
+    comm            communicator for data-parallel training (default: MPI when launched by mpiexec)
+
+    Raises ValueError for impossible arguments or bad data (naming the first bad row), and
+    DivergenceError when the cost explodes or stops being finite.
+    """
+    epochs = _whole("epochs", epochs)
+    batch_size = _whole("batch_size", batch_size)
+    if divergence_factor is not None and not (math.isfinite(divergence_factor) and divergence_factor > 1):
+        raise ValueError(f"divergence_factor must be a finite number > 1, or None; got {divergence_factor!r}")
+    train = X if isinstance(X, DeviceDataset) else DeviceDataset(net, X, y, input_scale)
+    if isinstance(X, DeviceDataset) and y is not None:
+        raise ValueError("pass y inside the DeviceDataset, not beside it")
+    val = validation_data
+    if val is not None and not isinstance(val, DeviceDataset):
+        if not (isinstance(val, (tuple, list)) and len(val) == 2):
+            raise ValueError("validation_data must be (X_val, y_val) or a DeviceDataset")
+        val = DeviceDataset(net, *val, input_scale=input_scale)
+    per_epoch = iterations_per_epoch(train.n, batch_size)
+    eval_every = per_epoch if eval_every is None else _whole("eval_every", eval_every)
+    if lr_schedule not in SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {list(SCHEDULES)}; got {lr_schedule!r}")
+    _whole("lr_step_epochs", lr_step_epochs)
+    if not (isinstance(lr_gamma, (int, float)) and 0 < lr_gamma <= 1):
+        raise ValueError(f"lr_gamma must be in (0, 1]; got {lr_gamma!r}")
+    if isinstance(optimizer, Optimizer):
+        if optimizer.net is not net:
+            raise ValueError("the optimizer was made for another network")
+    else:
+        hyper = {"lr": lr} if lr is not None else {}
+        if optimizer == "sgd":
+            hyper.update(momentum=momentum, weight_decay=weight_decay)
+        elif momentum:
+            raise ValueError(f"momentum is an SGD option; {optimizer!r} has none")
+        else:
+            hyper.update(weight_decay=weight_decay)
+        optimizer = make_optimizer(net, optimizer, **hyper)
+    schedule = Schedule(
+        optimizer.lr,
+        lr_schedule,
+        total=epochs * per_epoch,
+        step_size=lr_step_epochs * per_epoch,
+        gamma=lr_gamma,
+    )
+    comm = comm if comm is not None else get_communicator("auto", net.device)
+    if not isinstance(engine, Engine):
+        if engine not in ENGINE_NAMES:
+            raise ValueError(f"unknown engine {engine!r}; choose from {list(ENGINE_NAMES)}")
+        engine = make_engine(engine, net, optimizer, train, comm)
+    history = History() if history is None else history
+    if comm.size > 1:  # every rank starts from rank 0's parameters
+        comm.broadcast(net.theta)
+        for array in optimizer.slots.values():
+            comm.broadcast(array)
+    callbacks = list(callbacks)
+    if on_eval is not None:
+        callbacks.append(_OnEval(on_eval))
+    if progress is None:
+        progress = _stderr_is_a_terminal()
+    if progress and comm.is_root:
+        from .progress import ProgressBars
+
+        callbacks.append(ProgressBars(epochs * per_epoch, per_epoch, history.iteration))
+    loop = _Loop(net, engine, train, val, schedule, batch_size, eval_every, seed, history, callbacks, comm)
+    try:
+        loop.run(epochs * per_epoch, divergence_factor)
+    finally:
+        for callback in callbacks:
+            close = getattr(callback, "close", None)
+            if close is not None:
+                close()
+    return history
+
+
+class _OnEval(Callback):
+    def __init__(self, function):
+        self.function = function
+
+    def on_eval(self, record: dict) -> None:
+        self.function(record)
+
+
+def _stderr_is_a_terminal() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
+
+
+class _Loop:
+    """The loop of ``fit`` (plain functions of its state; see the module docstring)."""
+
+    def __init__(
+        self, net, engine, train, val, schedule, batch_size, eval_every, seed, history, callbacks, comm
+    ):
+        self.net, self.engine, self.train, self.val = net, engine, train, val
+        self.schedule, self.nb, self.eval_every, self.seed = schedule, batch_size, eval_every, seed
+        self.history, self.callbacks, self.comm = history, callbacks, comm
+        self.per_epoch = iterations_per_epoch(train.n, batch_size)
+        capacity = eval_every + engine.max_steps
+        self.costs = net.xp.zeros(capacity, dtype=numpy.float64)  # since the last fetch, on the device
+        self.errors = net.xp.zeros(capacity, dtype=numpy.float64)
+        self.sizes: list[int] = []
+
+    def run(self, total: int, divergence_factor) -> None:
+        h, engine, nb = self.history, self.engine, self.nb
+        if h.start_cost is None:
+            h.start_cost = self._start_cost()
+        t = h.iteration
+        last_eval = h.records[-1]["iteration"] if h.records else 0
+        started = time.perf_counter()
+        while t < total:
+            epoch, i = divmod(t, self.per_epoch)
+            order = self.train.order(self.seed, epoch, nb)
+            while i < self.per_epoch:
+                span = min(engine.max_steps, self.eval_every - t % self.eval_every, self.per_epoch - i)
+                costs, errors = engine.run(order, i, span, nb, [self.schedule(t + k) for k in range(span)])
+                self._add(costs, errors, [min(nb, self.train.n - (i + k) * nb) for k in range(span)])
+                for _ in range(span):
+                    t += 1
+                    for callback in self.callbacks:
+                        callback.on_step(t)
+                i += span
+                evaluate = t % self.eval_every == 0 or t == total
+                stop = self._stop_requested()
+                if evaluate or stop:
+                    started = self._pause(t, started, divergence_factor)
+                    if evaluate:
+                        self._evaluate(t, last_eval)
+                        last_eval = t
+                    if stop:
+                        self._checkpoint()
+                        return
+            started = self._pause(t, started, divergence_factor)
+            self._checkpoint()
+
+    def _stop_requested(self) -> bool:
+        stop = any(callback.should_stop() for callback in self.callbacks)
+        return stop if self.comm.size == 1 else not self.comm.all_agree(not stop)  # all ranks stop together
+
+    def _start_cost(self) -> float:
+        """The initial network's mean cost on the first START_SAMPLE rows of epoch 0's order."""
+        net = self.net
+        rows = self.train.order(self.seed, 0)[:START_SAMPLE]
+        X, y = self.train.batch(rows)
+        J, _ = LOSSES[net.task](net.forward(X, _throwaway(net, rows.shape[0])), y, grad=False)
+        return float(J)
+
+    def _add(self, costs, errors, sizes: list[int]) -> None:
+        k, count = len(self.sizes), len(sizes)
+        self.costs[k : k + count] = costs
+        self.errors[k : k + count] = errors
+        self.sizes.extend(sizes)
+
+    def _pause(self, t: int, started: float, divergence_factor) -> float:
+        """Wait for the device, stop the clock, move the recorded iterations into the history and
+        check them for divergence; returns the new start time."""
+        h = self.history
+        self.net.device.synchronize()
+        h.train_time += time.perf_counter() - started
+        k = len(self.sizes)
+        if k:
+            loss = to_numpy(self.costs[:k])
+            rate = to_numpy(self.errors[:k]) / numpy.asarray(self.sizes)
+            self.sizes.clear()
+            first = len(h.batch_loss)
+            h.batch_loss.extend(loss.tolist())
+            h.batch_error.extend(rate.tolist())
+            _check_divergence(h, first, divergence_factor, self.schedule)
+        h.iteration = t
+        return time.perf_counter()
+
+    def _evaluate(self, t: int, last_eval: int) -> None:
+        h = self.history
+        val_loss = val_error = None
+        if self.val is not None:
+            val_loss, val_error = self.engine.evaluate(self.val)
+        since = slice(last_eval, t)
+        train_error = None if self.net.task == "regression" else float(numpy.mean(h.batch_error[since]))
+        record = {
+            "iteration": t,
+            "epoch": round(t / self.per_epoch, 4),
+            "train_loss": float(numpy.mean(h.batch_loss[since])),
+            "train_error": train_error,
+            "val_loss": val_loss,
+            "val_error": val_error,
+            "lr": self.schedule(t - 1),
+            "time_s": round(h.train_time, 4),
+        }
+        h.records.append(record)
+        for callback in self.callbacks:
+            callback.on_eval(record)
+
+    def _checkpoint(self) -> None:
+        for callback in self.callbacks:
+            callback.on_checkpoint(self.history)
+
+
+def _throwaway(net, n):
+    from .model import Workspace
+
+    return Workspace(net, n, forward_only=True)
+
+
+def _check_divergence(h: History, first: int, factor, schedule) -> None:
+    """DivergenceError at the first non-finite cost from index ``first`` on, or (with a factor) when
+    the median of the last DIVERGENCE_WINDOW costs exceeds factor × the starting cost."""
+    loss = numpy.asarray(h.batch_loss[first:])
+    bad = numpy.flatnonzero(~numpy.isfinite(loss))
+    if bad.size:
+        t = first + int(bad[0])
+        raise DivergenceError(
+            f"training diverged: the mini-batch cost at iteration {t + 1} is {loss[bad[0]]} "
+            f"with learning rate {schedule(t):g}; try a smaller learning rate"
+        )
+    if factor is None or len(h.batch_loss) < DIVERGENCE_WINDOW or not h.start_cost:
+        return
+    recent = float(numpy.median(h.batch_loss[-DIVERGENCE_WINDOW:]))
+    if recent > factor * h.start_cost:
+        t = len(h.batch_loss)
+        raise DivergenceError(
+            f"training diverged: the median mini-batch cost of iterations {t - DIVERGENCE_WINDOW + 1}…{t} "
+            f"is {recent:.4g}, over {factor:g} × the starting cost {h.start_cost:.4g}, with learning "
+            f"rate {schedule(t - 1):g}; try a smaller learning rate (or turn this check off)"
+        )
+
+
+# --- the recipe of a command-line run ------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Config:
-    """The recipe of a run; defaults are the lecture's Example 6.2 with U = 200 ReLU hidden units."""
+    """The recipe of a run of the command-line trainer; defaults are the lecture's Example 6.2 with
+    U = 200 ReLU hidden units. Everything here is recorded in the checkpoint and config.json."""
 
     hidden: list[int] = dataclasses.field(default_factory=lambda: [200])
     activation: str = "relu"
     epochs: int = 15
     batch_size: int = 100
+    optimizer: str = "sgd"
     lr: float = 0.5
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -61,17 +387,37 @@ class Config:
     dtype: str = "float32"
     num_classes: int = 10
 
+    LIMITS: ClassVar[dict] = {  # whole-number fields: (lowest, highest) a run can use
+        "epochs": (1, 1_000_000),
+        "batch_size": (1, 1 << 24),
+        "eval_every": (1, 1 << 40),
+        "lr_step_epochs": (1, 1_000_000),
+        "num_classes": (2, 1 << 20),
+        "seed": (0, (1 << 63) - 1),
+    }
+    MAX_WIDTH: ClassVar[int] = 1 << 20  # a hidden layer wider than this is a typo, not a network
+
     def check(self) -> Config:
         """Raise ValueError naming the first field with an impossible value; return self."""
-        positive = ("epochs", "batch_size", "eval_every", "lr_step_epochs", "num_classes")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1; got {value!r}")
-        if any(not isinstance(u, int) or u < 1 for u in self.hidden):
-            raise ValueError(f"hidden widths must be whole numbers >= 1; got {self.hidden}")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2; got {self.num_classes}")
+        for name, (low, high) in self.LIMITS.items():
+            _whole(name, getattr(self, name), low, high)
+        if not isinstance(self.hidden, list) or any(
+            isinstance(u, bool) or not isinstance(u, int) or not 1 <= u <= self.MAX_WIDTH for u in self.hidden
+        ):
+            raise ValueError(f"hidden widths must be whole numbers in 1…{self.MAX_WIDTH}; got {self.hidden}")
+        for name, value, allowed in (
+            ("activation", self.activation, [a for a in ACTIVATIONS if a != "identity"]),
+            ("optimizer", self.optimizer, list(OPTIMIZERS)),
+            ("lr_schedule", self.lr_schedule, SCHEDULES),
+            ("dtype", self.dtype, DTYPES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}; got {value!r}")
+        for name in ("lr", "momentum", "weight_decay", "lr_gamma"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise ValueError(f"{name} must be a number; got {getattr(self, name)!r}")
+        if self.optimizer != "sgd" and self.momentum:
+            raise ValueError(f"momentum must be 0 with optimizer {self.optimizer!r} (an SGD option)")
         checks = (
             ("lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
             ("momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)"),
@@ -81,352 +427,36 @@ class Config:
         for name, value, ok, what in checks:
             if not ok:
                 raise ValueError(f"{name} must be {what}; got {value!r}")
-        for name, value, allowed in (
-            ("activation", self.activation, [a for a in ACTIVATIONS if a != "identity"]),
-            ("lr_schedule", self.lr_schedule, SCHEDULES),
-            ("dtype", self.dtype, DTYPES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}; got {value!r}")
         return self
 
     def sizes(self, inputs: int) -> list[int]:
         return [inputs, *self.hidden, self.num_classes]
 
-    def schedule(self, iterations_per_epoch: int) -> Schedule:
-        return Schedule(
-            self.lr,
-            self.lr_schedule,
-            total=self.epochs * iterations_per_epoch,
-            step_size=self.lr_step_epochs * iterations_per_epoch,
-            gamma=self.lr_gamma,
-        )
+    def network(self, inputs: int, device) -> MLP:
+        """The network of this recipe for ``inputs`` input variables, initialised from the seed."""
+        return MLP(self.sizes(inputs), self.activation, "classification", device, self.seed, self.dtype)
+
+    def make_optimizer(self, net: MLP) -> Optimizer:
+        hyper = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if self.optimizer == "sgd":
+            hyper["momentum"] = self.momentum
+        return make_optimizer(net, self.optimizer, **hyper)
+
+    def fit_options(self) -> dict:
+        """The keyword arguments of ``fit`` this recipe sets."""
+        names = ("epochs", "batch_size", "lr_schedule", "lr_step_epochs", "lr_gamma", "eval_every", "seed")
+        return {name: getattr(self, name) for name in names}
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
+        """The recipe in ``d`` (a checkpoint's record), checked; ValueError for anything else."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the recipe must be a JSON object; got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
+            raise ValueError(f"unknown recipe keys {sorted(unknown)}")
         return cls(**d).check()
-
-
-def iterations_per_epoch(n: int, batch_size: int) -> int:
-    """⌈n / n_b⌉: the last, partial mini-batch of an epoch is kept."""
-    return -(-n // batch_size)
-
-
-def build(cfg: Config, inputs: int, device: Device) -> tuple[MLP, SGD]:
-    """The network and optimizer of ``cfg`` for ``inputs`` input variables, initialised from the seed."""
-    net = MLP(cfg.sizes(inputs), cfg.activation, "classification", device, cfg.seed, cfg.dtype)
-    return net, SGD(net, cfg.lr, cfg.momentum, cfg.weight_decay)
-
-
-# --- the step and the evaluation -----------------------------------------------------------------
-
-
-class TrainStep:
-    """One SGD iteration on rows of a DeviceDataset: gather, Algorithm 6.1, update; nothing allocated.
-    The xp engine, on any device, and the reference the fast engines are checked against.
-
-    Returns the mini-batch cost J and its number of misclassified rows as device scalars. One
-    Workspace per mini-batch size (the full one, and the last partial batch if any), sharing one
-    gradient vector.
-    """
-
-    def __init__(self, net: MLP, opt: SGD, data: DeviceDataset):
-        self.net, self.opt, self.data = net, opt, data
-        self.grad = net.xp.empty_like(net.theta)
-        self.workspaces: dict[int, Workspace] = {}
-
-    def workspace(self, n: int) -> Workspace:
-        if n not in self.workspaces:
-            self.workspaces[n] = Workspace(self.net, n, grad=self.grad)
-        return self.workspaces[n]
-
-    def __call__(self, rows, lr):
-        ws = self.workspace(rows.shape[0])
-        X, y = self.data.batch(rows, ws.X, ws.y, ws.staging)
-        net, opt = self.net, self.opt
-        if opt.momentum or opt.weight_decay:
-            J, _ = backprop(net, X, y, ws)
-            opt.step(ws.grad, lr)
-        else:  # plain SGD (6.23): backprop yields γ∇J directly, and the update is one subtraction
-            J, _ = backprop(net, X, y, ws, scale=lr)
-            net.theta -= ws.grad
-        return J, count_errors(ws.Z[-1], y, net.task)
-
-
-ENGINES = ("auto", "xp", "blas", "fused", "graph")
-
-
-def make_step(net: MLP, opt: SGD, data: DeviceDataset, engine: str = "auto"):
-    """The training step of ``engine``:
-
-    "xp"     TrainStep: the shared NumPy/CuPy code, any device, any network (the reference)
-    "blas"   blas_step.BlasStep: the CPU engine, prepared BLAS calls (classification, plain SGD)
-    "fused"  fused.FusedStep: CUDA kernels (classification)
-    "graph"  fused.FusedStep with CUDA graphs: blocks of steps replayed as one launch (classification)
-    "auto"   "blas" where it can run, else "xp" (so "xp" on CUDA: see fused.py's status note)
-
-    An explicitly asked-for engine that cannot run this network here falls back to "xp" with an
-    EngineFallbackWarning naming the reason ("graph" whose capture fails: to "fused"); "auto" falls
-    back silently.
-    """
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose from {list(ENGINES)}")
-    if engine in ("auto", "blas"):
-        from .blas_step import BlasStep, support
-
-        reason = support(net, opt)
-        if reason is None:
-            return BlasStep(net, opt, data)
-    elif engine in ("fused", "graph"):
-        from .fused import FusedStep, fused_support
-
-        reason = fused_support(net) if net.device.is_cuda else "the fused kernels need a CUDA device"
-        if reason is None:
-            try:
-                return FusedStep(net, opt, data, graphs=engine == "graph")
-            except Exception as exc:  # NVRTC or CuPy refusing the kernels: train with the reference
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                reason = f"the fused kernels cannot run here ({first_line})"
-    if engine not in ("auto", "xp"):
-        warnings.warn(f"{reason}; training with the xp engine", EngineFallbackWarning, stacklevel=2)
-    return TrainStep(net, opt, data)
-
-
-def evaluate(net: MLP, data: DeviceDataset, workspaces: dict | None = None) -> tuple[float, float]:
-    """(mean cost, misclassification rate) of ``net`` on the whole of ``data``, in chunks of
-    EVAL_CHUNK rows; one synchronisation at the end. ``workspaces`` caches buffers between calls."""
-    xp = net.xp
-    workspaces = {} if workspaces is None else workspaces
-    total_cost, total_errors = xp.zeros((), dtype=numpy.float64), xp.zeros((), dtype=numpy.int64)
-    for start in range(0, data.n, EVAL_CHUNK):
-        rows = slice(start, min(data.n, start + EVAL_CHUNK))
-        m = rows.stop - rows.start
-        ws = workspaces.get(m) or workspaces.setdefault(m, Workspace(net, m, forward_only=True))
-        X, y = data.batch(rows, ws.X, ws.y)
-        Z = net.forward(X, ws)
-        J, _ = LOSSES[net.task](Z, y, ws.dZL, ws.rows, grad=False)
-        total_cost += J * m
-        total_errors += count_errors(Z, y, net.task)
-    return float(total_cost) / data.n, float(total_errors) / data.n
-
-
-# --- the run's state and the loop ----------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Where a run stands: iterations done, training seconds, and per-iteration mini-batch history."""
-
-    iteration: int = 0
-    train_time: float = 0.0
-    batch_loss: list = dataclasses.field(default_factory=list)
-    batch_error: list = dataclasses.field(default_factory=list)
-
-
-class _Recorder:
-    """Per-iteration (J, errors) kept on the device until ``flush`` moves them to the TrainState."""
-
-    def __init__(self, xp, capacity: int):
-        self.loss = xp.zeros(capacity, dtype=numpy.float64)
-        self.errors = xp.zeros(capacity, dtype=numpy.float64)
-        self.sizes: list[int] = []
-
-    def add(self, J, errors, n: int) -> None:
-        k = len(self.sizes)
-        self.loss[k] = J
-        self.errors[k] = errors
-        self.sizes.append(n)
-
-    def add_block(self, costs, errors, n: int) -> None:
-        """Several iterations of n rows each at once: (count,) device arrays of J and errors."""
-        k, count = len(self.sizes), costs.shape[0]
-        self.loss[k : k + count] = costs
-        self.errors[k : k + count] = errors
-        self.sizes.extend([n] * count)
-
-    def flush(self, state: TrainState, schedule: Schedule) -> None:
-        """Append the recorded iterations to ``state``; raise DivergenceError at a non-finite cost."""
-        k = len(self.sizes)
-        if not k:
-            return
-        loss = to_numpy(self.loss[:k])
-        rate = to_numpy(self.errors[:k]) / numpy.asarray(self.sizes)
-        first = len(state.batch_loss)
-        bad = numpy.flatnonzero(~numpy.isfinite(loss))
-        if bad.size:
-            t = first + int(bad[0])
-            raise DivergenceError(
-                f"training diverged: the mini-batch cost at iteration {t + 1} is {loss[bad[0]]} "
-                f"with learning rate {schedule(t):g}; try a smaller learning rate"
-            )
-        state.batch_loss.extend(loss.tolist())
-        state.batch_error.extend(rate.tolist())
-        self.sizes.clear()
-
-
-@numpy.errstate(over="ignore", invalid="ignore", divide="ignore")  # divergence is reported, not warned
-def fit(
-    net: MLP,
-    opt: SGD,
-    cfg: Config,
-    train_set: DeviceDataset,
-    val_set: DeviceDataset,
-    state: TrainState,
-    on_eval: Callable[[dict], None] = lambda record: None,
-    on_checkpoint: Callable[[TrainState], None] = lambda state: None,
-    on_step: Callable[[int], None] = lambda t: None,
-    should_stop: Callable[[], bool] = lambda: False,
-    step: Callable | None = None,
-) -> bool:
-    """Train from ``state.iteration`` to cfg.epochs epochs. Returns True when finished, False when
-    ``should_stop()`` turned true (checked after every step, or every block of steps for the graph
-    engine; a checkpoint is then taken). ``step`` defaults to make_step(net, opt, train_set).
-
-    ``on_eval(record)`` receives each evaluation: iteration, epoch, train_loss/train_error (mini-batch
-    means since the previous evaluation), val_loss, val_error, lr and time_s (training seconds so far,
-    evaluation excluded). ``on_checkpoint(state)`` runs at every epoch end and when stopping.
-    """
-    device, nb = net.device, cfg.batch_size
-    per_epoch = iterations_per_epoch(train_set.n, nb)
-    total = cfg.epochs * per_epoch
-    schedule = cfg.schedule(per_epoch)
-    step = step or make_step(net, opt, train_set)
-    recorder = _Recorder(net.xp, cfg.eval_every)
-    eval_workspaces: dict = {}
-    t, last_eval = state.iteration, state.iteration - state.iteration % cfg.eval_every
-
-    def pause():  # the device catches up, and the clock stops
-        device.synchronize()
-        state.train_time += time.perf_counter() - started
-        recorder.flush(state, schedule)
-        state.iteration = t
-
-    full_batches = train_set.n // nb
-    started = time.perf_counter()
-    while t < total:
-        epoch, i = divmod(t, per_epoch)
-        order = train_set.order(cfg.seed, epoch, nb)
-        while i < per_epoch:
-            block = getattr(step, "block_steps", 0)  # the graph engine takes up to this many steps a call
-            span = min(block, cfg.eval_every - t % cfg.eval_every, full_batches - i)
-            if span > 0:  # full mini-batches up to the next evaluation or the epoch's end, in one call
-                costs, errors = step.run_block(order, i, span, nb, [schedule(t + k) for k in range(span)])
-                recorder.add_block(costs, errors, nb)
-            else:
-                rows = order[i * nb : (i + 1) * nb]
-                J, errors = step(rows, schedule(t))
-                recorder.add(J, errors, rows.shape[0])
-                span = 1
-            for _ in range(span):
-                t += 1
-                on_step(t)
-            i += span
-            if t % cfg.eval_every == 0 or t == total:
-                pause()
-                if hasattr(step, "evaluate"):  # the engine's own forward pass
-                    val_loss, val_error = step.evaluate(val_set, EVAL_CHUNK)
-                else:
-                    val_loss, val_error = evaluate(net, val_set, eval_workspaces)
-                on_eval(_record(state, last_eval, t, per_epoch, val_loss, val_error, schedule(t - 1)))
-                last_eval = t
-                started = time.perf_counter()
-            if should_stop():
-                pause()
-                on_checkpoint(state)
-                return t >= total
-        pause()
-        on_checkpoint(state)
-        started = time.perf_counter()
-    return True
-
-
-def _record(state, last_eval, t, per_epoch, val_loss, val_error, lr) -> dict:
-    since = slice(last_eval, t)
-    return {
-        "iteration": t,
-        "epoch": round(t / per_epoch, 4),
-        "train_loss": float(numpy.mean(state.batch_loss[since])),
-        "train_error": float(numpy.mean(state.batch_error[since])),
-        "val_loss": val_loss,
-        "val_error": val_error,
-        "lr": lr,
-        "time_s": round(state.train_time, 4),
-    }
-
-
-# --- checkpoints ---------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, write: Callable) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``: readers
-    see the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results private to the user
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_checkpoint(path: Path, net: MLP, opt: SGD, cfg: Config, state: TrainState) -> None:
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "iteration": state.iteration,
-        "train_time": state.train_time,
-        "sizes": net.sizes,
-        "config": cfg.to_dict(),
-    }
-    arrays = dict(net.state())
-    arrays.update({k: to_numpy(v) for k, v in opt.state().items()})
-    arrays["batch_loss"] = numpy.asarray(state.batch_loss, dtype=numpy.float64)
-    arrays["batch_error"] = numpy.asarray(state.batch_error, dtype=numpy.float64)
-    arrays["meta"] = numpy.asarray(json.dumps(meta))
-    write_atomic(path, lambda f: numpy.savez(f, **arrays))
-
-
-def load_checkpoint(path: Path) -> tuple[Config, dict, TrainState]:
-    """(config, arrays, state) of a checkpoint; CheckpointError if it is missing or damaged."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        with path.open("rb") as f, numpy.load(f, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-        meta = json.loads(str(arrays.pop("meta")))
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-        cfg = Config.from_dict(meta["config"])
-        iteration = int(meta["iteration"])
-        state = TrainState(
-            iteration,
-            float(meta["train_time"]),
-            arrays.pop("batch_loss").tolist(),
-            arrays.pop("batch_error").tolist(),
-        )
-        if len(state.batch_loss) != iteration or len(state.batch_error) != iteration:
-            raise ValueError(f"history holds {len(state.batch_loss)} iterations, not {iteration}")
-    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{path} is damaged or not a gpunn checkpoint ({exc})") from None
-    return cfg, arrays, state
-
-
-def restore(net: MLP, opt: SGD, arrays: dict, path: Path) -> None:
-    """Load a checkpoint's arrays into ``net`` and ``opt``, naming what does not fit."""
-    try:
-        net.load_state(arrays)
-        opt.load_state(arrays)
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path} does not fit this network: {exc}") from None

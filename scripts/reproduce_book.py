@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from gpunn.cli import config_from_flags
 from gpunn.commands import Parser, device_name, no_matplotlib, run_command
 from gpunn.commands import device as cli_device
-from gpunn.data import DeviceDataset, load_idx_dataset, resolve_data_dir
-from gpunn.train import Config, TrainState, build, fit, iterations_per_epoch, write_atomic
+from gpunn.data import PIXEL_SCALE, Split, load_idx_dataset, resolve_data_dir
+from gpunn.files import display_path, write_atomic
+from gpunn.train import Config, History, fit, iterations_per_epoch
 
 PROG = "reproduce_book.py"
 # (name, hidden widths, figure file, figure number, the lecture's final validation error in %)
@@ -36,18 +37,21 @@ MODELS = (
 QUICK_TRAIN, QUICK_VAL = 5000, 1000
 
 
-def train_model(cfg: Config, train_set: DeviceDataset, val_set: DeviceDataset, device, on_eval=None):
-    """(net, TrainState, evaluation records) after training with ``cfg`` (see gpunn.train.fit)."""
-    net, opt = build(cfg, train_set.p, device)
-    state, records = TrainState(), []
-
-    def record(r: dict) -> None:
-        records.append(r)
-        if on_eval is not None:
-            on_eval(r)
-
-    fit(net, opt, cfg, train_set, val_set, state, on_eval=record)
-    return net, state, records
+def train_model(cfg: Config, train: Split, val: Split, device, on_eval=None):
+    """(net, History) after training with ``cfg`` on the pixels scaled to [0, 1] (gpunn.fit)."""
+    net = cfg.network(train.X.shape[1], device)
+    history = fit(
+        net,
+        train.X,
+        train.y,
+        optimizer=cfg.make_optimizer(net),
+        validation_data=(val.X, val.y),
+        input_scale=PIXEL_SCALE,
+        on_eval=on_eval,
+        progress=False,
+        **cfg.fit_options(),
+    )
+    return net, history
 
 
 def results_table(rows: list[dict]) -> str:
@@ -110,12 +114,10 @@ def _run(args) -> int:
     if args.quick:
         train_split.X, train_split.y = train_split.X[:QUICK_TRAIN], train_split.y[:QUICK_TRAIN]
         val_split.X, val_split.y = val_split.X[:QUICK_VAL], val_split.y[:QUICK_VAL]
-    train_set = DeviceDataset(train_split.X, train_split.y, device)
-    val_set = DeviceDataset(val_split.X, val_split.y, device)
-    del train_split, val_split
-    per_epoch = iterations_per_epoch(train_set.n, configs[0].batch_size)
+    n_train, n_val = train_split.X.shape[0], val_split.X.shape[0]
+    per_epoch = iterations_per_epoch(n_train, configs[0].batch_size)
     print(
-        f"Example 6.2 on {folder} ({train_set.n} training / {val_set.n} validation images) on "
+        f"Example 6.2 on {display_path(folder)} ({n_train} training / {n_val} validation images) on "
         f"{device.description()}: SGD, γ = {configs[0].lr}, n_b = {configs[0].batch_size}, "
         f"{configs[0].epochs} epoch(s) × {per_epoch} iterations, validation every {configs[0].eval_every}"
     )
@@ -131,7 +133,8 @@ def _run(args) -> int:
                     flush=True,
                 )
 
-        net, state, records = train_model(cfg, train_set, val_set, device, progress)
+        net, history = train_model(cfg, train_split, val_split, device, progress)
+        records = history.records
         arch = "-".join(map(str, net.sizes))
         rows.append(
             {
@@ -140,12 +143,12 @@ def _run(args) -> int:
                 "parameters": net.num_params,
                 "lecture": lecture,
                 "val_error": records[-1]["val_error"],
-                "train_time": state.train_time,
+                "train_time": history.train_time,
                 "wall_time": time.perf_counter() - started,
             }
         )
         title = f"{figure}: {name} ({arch}) on MNIST, γ = {cfg.lr}, n_b = {cfg.batch_size}"
-        _plot(args.out / filename, state, records, title)
+        _plot(args.out / filename, history, title)
 
     table = results_table(rows)
     if args.quick:
@@ -153,17 +156,19 @@ def _run(args) -> int:
     write_atomic(args.out / "results.md", lambda f: f.write(table.encode()))
     print()
     print(table, end="")
-    print(f"(written to {args.out / 'results.md'}; wall time {sum(r['wall_time'] for r in rows):.1f} s)")
+    figures = ", ".join(filename for _, _, filename, *_ in MODELS)
+    wall = sum(r["wall_time"] for r in rows)
+    print(f"(wrote results.md, {figures} in {display_path(args.out)}; wall time {wall:.1f} s)")
     return 0
 
 
-def _plot(path: Path, state: TrainState, records: list, title: str) -> None:
+def _plot(path: Path, history: History, title: str) -> None:
     try:
         from gpunn.plots import plot_training_curves
     except ImportError:
         no_matplotlib(PROG, path.name)
         return
-    plot_training_curves(path, state.batch_loss, state.batch_error, records, title)
+    plot_training_curves(path, history.batch_loss, history.batch_error, history.records, title)
 
 
 if __name__ == "__main__":

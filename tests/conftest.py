@@ -4,6 +4,7 @@ answers (marked ``cuda``; skipped with the reason otherwise)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import gpunn
 from gpunn.data import SPLITS, find_idx_file
 
+from cuda_emulation import EmulatedGemm, EmulatedKernelSets, RecordingGraphs
 from helpers import make_digits, write_idx
 
 
@@ -62,3 +64,32 @@ def digits_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="session")
+def emulated_kernels(tmp_path_factory) -> EmulatedKernelSets:
+    """kernels.cu compiled as C++ for the sequential emulation of the grid (tests/cuda_emulation.py)."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler for the emulation of the CUDA kernels")
+    return EmulatedKernelSets(tmp_path_factory.mktemp("emulated"))
+
+
+@pytest.fixture
+def engine_factory(emulated_kernels):
+    """name -> a function (net, optimizer, data, comm=None) -> that engine on the CPU: the CUDA engines
+    with emulated kernels, an emulated cuBLAS and a recording "graph"."""
+    from gpunn.engines import REGISTRY, fused, graph
+
+    def factory(name):
+        def make(net, optimizer, data, comm=None):
+            if name == "fused":
+                return fused.FusedEngine(net, optimizer, data, comm, kernels=emulated_kernels)
+            if name == "graph":
+                gemm = EmulatedGemm()
+                graphs = RecordingGraphs(emulated_kernels, gemm)
+                return graph.GraphEngine(net, optimizer, data, comm, emulated_kernels, gemm, graphs)
+            return REGISTRY[name](net, optimizer, data, comm)
+
+        return make
+
+    return factory

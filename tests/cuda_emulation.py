@@ -1,8 +1,8 @@
-"""Runs gpunn/kernels.cu on the CPU: the CUDA source compiled as C++ with a sequential emulation of the
-grid (every block, every thread, in order). Valid because the kernels use no shared memory and no
-barriers; atomicAdd becomes a plain add. With a column-major "cuBLAS" that reads raw pointers and a
-"CUDA graph" that records launches and replays them, FusedStep's kernels and host logic (graphs
-included) are checked without a GPU."""
+"""Runs gpunn/engines/kernels.cu on the CPU: the CUDA source compiled as C++ with a sequential emulation of
+the grid (every block, every thread, in order). Valid because the kernels use no shared memory, no
+barriers and no atomics. With a column-major "cuBLAS" that reads raw pointers and a "CUDA graph" that
+records launches and replays them, the fused and graph engines' kernels and host logic are checked
+without a GPU."""
 
 from __future__ import annotations
 
@@ -14,26 +14,27 @@ from pathlib import Path
 
 import numpy as np
 
-from gpunn import fused
+from gpunn import native
+from gpunn.engines import fused
 
 HEADER = r"""
 #include <cmath>
-using std::exp; using std::log; using std::tanh;
+using std::exp; using std::log; using std::log1p; using std::sqrt; using std::tanh;
 struct gpunn_emulated_dim { long long x; };
 static gpunn_emulated_dim threadIdx, blockIdx, blockDim, gridDim;
 #define __global__
 #define __device__
 #define __forceinline__ inline
-static inline double atomicAdd(double* a, double v) { double old = *a; *a += v; return old; }
 """
 CTYPES = {"int": ctypes.c_int, "long long": ctypes.c_longlong, "double": ctypes.c_double}
 
 
-def build(dtype, folder: Path) -> ctypes.CDLL:
+def build(dtype, input_dtype, folder: Path) -> ctypes.CDLL:
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler")
     real = "float" if np.dtype(dtype) == np.float32 else "double"
+    input_type = fused.INPUT_TYPES[np.dtype(input_dtype)]
     lines = [HEADER, f'#include "{fused.SOURCE}"']
     for name, types in fused.kernel_signatures().items():
         params = ", ".join(f"{t} a{i}" for i, t in enumerate(types))
@@ -44,11 +45,22 @@ def build(dtype, folder: Path) -> ctypes.CDLL:
             "  for (long long b = 0; b < grid; ++b) for (long long t = 0; t < block; ++t) {\n"
             f"    blockIdx.x = b; threadIdx.x = t; {name}({args});\n  }}\n}}"
         )
-    source = folder / f"emulated_{real}.cpp"
+    tag = f"{real}_{np.dtype(input_dtype).name}"
+    source = folder / f"emulated_{tag}.cpp"
     source.write_text("\n".join(lines))
-    library = folder / f"emulated_{real}.so"
+    library = folder / f"emulated_{tag}.so"
     subprocess.run(
-        [compiler, "-O1", "-shared", "-fPIC", f"-DREAL={real}", "-o", str(library), str(source)],
+        [
+            compiler,
+            "-O1",
+            "-shared",
+            "-fPIC",
+            f"-DREAL={real}",
+            f"-DINPUT={input_type}",
+            "-o",
+            str(library),
+            str(source),
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -57,11 +69,12 @@ def build(dtype, folder: Path) -> ctypes.CDLL:
 
 
 class EmulatedKernels:
-    """The ``launch`` interface of fused.CudaKernels, running the C++-compiled kernels on NumPy arrays."""
+    """The ``launch`` interface of fused.CudaKernels, running the C++-compiled kernels on NumPy arrays
+    (None: a null pointer)."""
 
-    def __init__(self, dtype, folder: Path):
+    def __init__(self, dtype, input_dtype, folder: Path):
         self.real = np.dtype(dtype).type
-        self.lib = build(dtype, folder)
+        self.lib = build(dtype, input_dtype, folder)
         self.signatures = fused.kernel_signatures()
         self.launches: list[str] = []
         self.recording: list | None = None  # set by RecordingGraphs.capture
@@ -75,20 +88,44 @@ class EmulatedKernels:
             f.restype = None
 
     def launch(self, name: str, count: int, *args) -> None:
-        if self.recording is not None:  # being captured: run later, with these very arguments
-            self.recording.append(functools.partial(self.launch, name, count, *args))
+        recording = getattr(getattr(self, "owner", None), "recording", None) or self.recording
+        if recording is not None:  # being captured: run later, with these very arguments
+            recording.append(functools.partial(self._run, name, count, *args))
             return
+        self._run(name, count, *args)
+
+    def _run(self, name: str, count: int, *args) -> None:
         self.launches.append(name)
-        grid = max(1, min(fused.MAX_BLOCKS, -(-count // fused.BLOCK)))
         converted = fused.convert_args(self.signatures[name], args, self.real)
         values = []
         for c_type, value in zip(self.signatures[name], converted):
             if c_type.endswith("*"):
+                if value is None:
+                    values.append(None)
+                    continue
                 assert isinstance(value, np.ndarray) and value.flags.c_contiguous, (name, c_type)
                 values.append(value.ctypes.data)
             else:
                 values.append(value.item())
-        getattr(self.lib, f"emulate_{name}")(grid, fused.BLOCK, *values)
+        getattr(self.lib, f"emulate_{name}")(fused.grid(count), fused.BLOCK, *values)
+
+
+class EmulatedKernelSets:
+    """The ``kernels`` factory of the fused engines: (dtype, input dtype) -> EmulatedKernels, each
+    compiled once per test session; ``launches`` records every launch of every set, in order."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.sets, self.launches = folder, {}, []
+        self.recording: list | None = None
+
+    def __call__(self, dtype, input_dtype) -> EmulatedKernels:
+        key = (np.dtype(dtype), np.dtype(input_dtype))
+        if key not in self.sets:
+            self.sets[key] = EmulatedKernels(dtype, input_dtype, self.folder)
+        kernels = self.sets[key]
+        kernels.launches = self.launches
+        kernels.owner = self
+        return kernels
 
 
 def column_major(pointer: int, rows: int, cols: int, ld: int, dtype) -> np.ndarray:
@@ -119,13 +156,13 @@ class EmulatedGemm:
             self.recording.append(functools.partial(self, A, B, C))
             return
         self.calls += 1
-        cublas_gemm(C.dtype, *fused.cublas_arguments(A, B, C, lambda x: x.ctypes.data))
+        cublas_gemm(C.dtype, *native.cublas_arguments(A, B, C, lambda x: x.ctypes.data))
 
 
 class RecordingGraphs:
     """fused.CudaGraphs for the emulation: capture records every launch and product, launch replays them."""
 
-    def __init__(self, kernels: EmulatedKernels, gemm: EmulatedGemm, fail_after: int | None = None):
+    def __init__(self, kernels: EmulatedKernelSets, gemm: EmulatedGemm, fail_after: int | None = None):
         self.kernels, self.gemm, self.fail_after = kernels, gemm, fail_after
         self.captures = self.launches = 0
 

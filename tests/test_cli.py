@@ -75,7 +75,7 @@ def test_help_shows_every_default():
         "--batch-size",
         "(default: 100)",
         "--lr",
-        "(default: 0.5)",
+        "0.5 for sgd, 0.001 for adam",
         "--hidden",
         "(default: [200])",
         "--eval-every",
@@ -94,6 +94,7 @@ def test_a_run_writes_every_output(data, tmp_path):
     result = run(*SMALL, "--data-dir", data, "--out", out)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == [
+        ".gpunn.lock",  # the run's lock, free again
         "checkpoint.npz",
         "config.json",
         "curves.png",
@@ -127,7 +128,7 @@ def test_data_comes_from_the_environment(data, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "phrases"),
     [
-        (["--batch-size", "0"], ["--batch-size must be a whole number >= 1; got 0"]),
+        (["--batch-size", "0"], ["--batch-size must be a whole number in 1…16777216; got 0"]),
         (["--epochs", "-2"], ["--epochs must be"]),
         (["--eval-every", "0"], ["--eval-every must be"]),
         (["--hidden", "200", "0"], ["--hidden widths must be"]),
@@ -214,9 +215,7 @@ def test_auto_without_a_gpu_says_so_once(data, tmp_path):
 def test_unwritable_out(data, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert_one_line_error(
-        run(*SMALL, "--data-dir", data, "--out", blocker / "run"), 1, "cannot write to --out"
-    )
+    assert_one_line_error(run(*SMALL, "--data-dir", data, "--out", blocker / "run"), 1, "cannot create --out")
 
 
 def test_damaged_checkpoint_is_reported_and_kept(data, tmp_path):

@@ -3,8 +3,8 @@ mini-batch costs up to rounding, and the same validation error after an epoch; a
 failure modes (no such device, out of memory) end in one line.
 
 Every GPU test is marked ``cuda`` and takes the ``cuda_device`` fixture, which skips with the reason
-where no GPU answers. Runs go through the library's own loop: ``build``, ``DeviceDataset``, ``fit``
-(whose step is ``TrainStep``), as ``scripts/train_mnist.py`` runs them.
+where no GPU answers. Runs go through the library's own loop: ``Config.network``, ``DeviceDataset``,
+``gpunn.fit`` with the default engine ("auto"), as ``scripts/train_mnist.py`` runs them.
 
 The bounds, and why:
 
@@ -42,8 +42,9 @@ import pytest
 
 import gpunn
 from gpunn.backend import is_device_array
-from gpunn.data import DeviceDataset, Split, epoch_order, load_idx_dataset
-from gpunn.train import Config, TrainState, build, evaluate, fit
+from gpunn.data import PIXEL_SCALE, DeviceDataset, Split, epoch_order, load_idx_dataset
+from gpunn.engines.reference import evaluate
+from gpunn.train import Callback, Config
 
 from helpers import make_digits
 
@@ -88,16 +89,16 @@ class Run:
     val_error: float | None = None
 
 
-class StopAfter:
-    """fit's ``on_step``/``should_stop`` pair: stop once ``steps`` SGD steps are done (None: never)."""
+class StopAfter(Callback):
+    """Stop once ``steps`` SGD steps are done (None: never)."""
 
     def __init__(self, steps: int | None):
         self.steps, self.t = steps, 0
 
-    def step(self, t: int) -> None:
+    def on_step(self, t: int) -> None:
         self.t = t
 
-    def __call__(self) -> bool:
+    def should_stop(self) -> bool:
         return self.steps is not None and self.t >= self.steps
 
 
@@ -110,16 +111,23 @@ def train(device, splits, cfg: Config, steps: int | None = None, input_order=Non
     """
     train_split, val_split = splits
     Xtr, Xva = train_split.X, val_split.X
-    net, opt = build(cfg, Xtr.shape[1], device)
+    net = cfg.network(Xtr.shape[1], device)
     if input_order is not None:
         Xtr, Xva = Xtr[:, input_order], Xva[:, input_order]
         W1 = net.params[0][0]
         W1[...] = W1[:, device.asarray(input_order)]
-    train_set = DeviceDataset(Xtr, train_split.y, device)
-    val_set = DeviceDataset(Xva, val_split.y, device)
-    state, stop = TrainState(), StopAfter(steps)
-    fit(net, opt, cfg, train_set, val_set, state, on_step=stop.step, should_stop=stop)
-    losses = np.asarray(state.batch_loss)
+    train_set = DeviceDataset(net, Xtr, train_split.y, PIXEL_SCALE)
+    val_set = DeviceDataset(net, Xva, val_split.y, PIXEL_SCALE)
+    history = gpunn.fit(
+        net,
+        train_set,
+        optimizer=cfg.make_optimizer(net),
+        validation_data=val_set,
+        callbacks=[StopAfter(steps)],
+        progress=False,
+        **cfg.fit_options(),
+    )
+    losses = np.asarray(history.batch_loss)
     return Run(losses) if steps is not None else Run(losses, *evaluate(net, val_set))
 
 
@@ -172,8 +180,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *phrases: str) ->
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_same_initial_parameters(cuda_device, dtype):
     cfg = recipe(dtype)
-    cpu_net, _ = build(cfg, 784, CPU)
-    gpu_net, _ = build(cfg, 784, cuda_device)
+    cpu_net, gpu_net = cfg.network(784, CPU), cfg.network(784, cuda_device)
     assert is_device_array(gpu_net.theta) and not is_device_array(cpu_net.theta)
     cpu_state, gpu_state = cpu_net.state(), gpu_net.state()
     assert gpu_state.keys() == cpu_state.keys() == {"W1", "b1", "W2", "b2"}
@@ -186,7 +193,9 @@ def test_same_initial_parameters(cuda_device, dtype):
 @pytest.mark.parametrize(("seed", "epoch"), [(0, 0), (0, 1), (0, 14), (7, 3)])
 def test_same_data_order_and_mini_batches(cuda_device, digits, seed, epoch):
     split = digits[0]
-    cpu_set, gpu_set = DeviceDataset(split.X, split.y, CPU), DeviceDataset(split.X, split.y, cuda_device)
+    cpu_net, gpu_net = recipe("float32").network(784, CPU), recipe("float32").network(784, cuda_device)
+    cpu_set = DeviceDataset(cpu_net, split.X, split.y, PIXEL_SCALE)
+    gpu_set = DeviceDataset(gpu_net, split.X, split.y, PIXEL_SCALE)
     want = epoch_order(seed, epoch, split.X.shape[0], 100)
     gpu_order = gpu_set.order(seed, epoch, 100)
     assert is_device_array(gpu_order)

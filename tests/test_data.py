@@ -1,19 +1,18 @@
-"""MNIST-layout data: IDX validation, the data-folder order, the checked download, the device loader."""
+"""MNIST-layout data: IDX folders cross-checked, the data-folder order, the device-resident data set.
+(IDX files themselves: test_idx.py; downloads: test_datasets.py.)"""
 
 from __future__ import annotations
 
 import gzip
-import hashlib
-import http.server
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import gpunn
-from gpunn import data
-from gpunn.data import DeviceDataset, epoch_order, fetch_mnist, load_idx_dataset, read_idx, resolve_data_dir
+from gpunn import data, datasets
+from gpunn.data import DeviceDataset, epoch_order, load_idx_dataset, resolve_data_dir
+from gpunn.idx import read_idx
 
 from helpers import idx_bytes, make_digits, write_idx
 
@@ -71,7 +70,9 @@ def test_truncated_header_and_broken_gzip(tmp_path):
     with pytest.raises(gpunn.DataError, match="too short for an IDX header"):
         load_idx_dataset(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
-    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"0" * 100)[:-8])
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(idx_bytes(np.zeros(10, np.uint8)))[:-8]
+    )
     with pytest.raises(gpunn.DataError, match=r"cannot read .*t10k-labels-idx1-ubyte\.gz"):
         load_idx_dataset(tmp_path)
 
@@ -124,71 +125,18 @@ def test_flag_then_environment_then_cache(tmp_path, monkeypatch):
     flag.mkdir(), env.mkdir()
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     monkeypatch.setenv(data.ENV_DATA_DIR, str(env))
+    monkeypatch.setattr(datasets, "_passes", lambda path, dataset, fname: path.is_file())  # synthetic files
     assert resolve_data_dir(flag) == flag
     assert resolve_data_dir(None) == env
+    assert resolve_data_dir(None, "mnist") == env
+    fashion = cache / "gpunn" / "fashion-mnist"
+    write_dataset(fashion, gz=True)
+    assert resolve_data_dir(None, "fashion-mnist") == fashion  # $GPUNN_DATA_DIR holds MNIST only
     monkeypatch.delenv(data.ENV_DATA_DIR)
     write_dataset(cache / "gpunn" / "mnist", gz=True)  # a filled cache is used without a download
     assert resolve_data_dir(None, progress=False) == cache / "gpunn" / "mnist"
     with pytest.raises(gpunn.DataError, match=r"--data-dir .* is not a folder"):
         resolve_data_dir(tmp_path / "missing")
-
-
-@pytest.fixture
-def mirror(tmp_path):
-    """A local HTTP mirror serving gzip-compressed IDX files from tmp_path/www/mnist/."""
-    root = tmp_path / "www"
-    (root / "mnist").mkdir(parents=True)
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)  # noqa: E731
-    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root / "mnist", f"http://127.0.0.1:{server.server_address[1]}/mnist/"
-    server.shutdown()
-    server.server_close()
-
-
-def publish(folder: Path, name: str, payload: bytes) -> str:
-    (folder / (name + ".gz")).write_bytes(gzip.compress(payload))
-    return hashlib.sha256(payload).hexdigest()
-
-
-def test_download_verifies_and_falls_back_to_the_second_mirror(tmp_path, mirror):
-    served, url = mirror
-    sums = {"train-labels-idx1-ubyte": publish(served, "train-labels-idx1-ubyte", idx_bytes(np.arange(9)))}
-    cache = tmp_path / "cache"
-    dead = "http://127.0.0.1:9/mnist/"  # nothing listens on the discard port
-    fetch_mnist(cache, mirrors=[dead, url], checksums=sums, progress=False)
-    assert read_idx(cache / "train-labels-idx1-ubyte.gz", 1).tolist() == list(range(9))
-    assert [p.name for p in cache.iterdir()] == ["train-labels-idx1-ubyte.gz"]  # no temp files left
-
-
-def test_checksum_mismatch_leaves_nothing(tmp_path, mirror):
-    served, url = mirror
-    publish(served, "t10k-labels-idx1-ubyte", idx_bytes(np.arange(9)))
-    cache = tmp_path / "cache"
-    with pytest.raises(gpunn.DataError, match="checksum mismatch"):
-        fetch_mnist(cache, mirrors=[url], checksums={"t10k-labels-idx1-ubyte": "0" * 64}, progress=False)
-    assert list(cache.iterdir()) == []
-
-
-def test_offline_message_names_the_url_and_the_flag(tmp_path):
-    with pytest.raises(gpunn.DataError) as info:
-        fetch_mnist(tmp_path / "c", mirrors=["http://127.0.0.1:9/m/"], progress=False, timeout=2)
-    message = str(info.value)
-    assert "http://127.0.0.1:9/m/train-images-idx3-ubyte.gz" in message
-    assert "--data-dir" in message and "GPUNN_DATA_DIR" in message
-
-
-def test_real_mirror_list_and_checksums_cover_mnist():
-    assert set(data.MNIST_SHA256) == set(NAMES) and len(data.MNIST_MIRRORS) >= 2
-    assert all(url.startswith("https://") and url.endswith("/") for url in data.MNIST_MIRRORS)
-
-
-@pytest.mark.mnist
-def test_shared_mnist_matches_the_published_checksums(mnist_dir):
-    for name, digest in data.MNIST_SHA256.items():
-        assert data._sha256_of_content(data.find_idx_file(mnist_dir, name)) == digest
 
 
 # --- on the device -----------------------------------------------------------------------------
@@ -204,10 +152,11 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
         assert batched[start : start + 64].tolist() == sorted(a[start : start + 64].tolist())
 
 
-def test_device_dataset_batches(device, rng):
+def test_device_dataset_keeps_integer_inputs_compact_and_scales_each_batch(device, rng):
     X8, y = rng.integers(0, 256, (50, 12), dtype=np.uint8), rng.integers(0, 10, 50)
-    ds = DeviceDataset(X8, y, device)
-    assert ds.X.dtype == np.uint8 and ds.nbytes == 50 * 12 + 50 * 4
+    net = gpunn.MLP([12, 10], device=device)
+    ds = DeviceDataset(net, X8, y, input_scale=1 / 255)
+    assert ds.X.dtype == np.uint8 and ds.nbytes == 50 * 12 + 50 * 4 and ds.scale == pytest.approx(1 / 255)
     order = ds.order(seed=3, epoch=0)
     np.testing.assert_array_equal(gpunn.to_numpy(order), epoch_order(3, 0, 50))
     Xb, yb = ds.batch(order[10:20])
@@ -217,3 +166,44 @@ def test_device_dataset_batches(device, rng):
     Xs, ys = ds.batch(slice(45, 50))
     assert Xs.shape == (5, 12) and gpunn.to_numpy(ys).tolist() == y[45:].tolist()
     assert float(Xb.min()) >= 0 and float(Xb.max()) <= 1
+    raw, _ = ds.batch(order[10:20], raw=True)  # for an engine that scales inside its products
+    np.testing.assert_array_equal(gpunn.to_numpy(raw), X8[rows])
+
+
+def test_device_dataset_uses_float_inputs_as_given(device, rng):
+    """Float inputs of small magnitude were quantised to uint8 (all zeros) by the old loader."""
+    X = rng.uniform(0, 0.01, (40, 3))
+    net = gpunn.MLP([3, 2], device=device, dtype="float64")
+    ds = DeviceDataset(net, X, rng.integers(0, 2, 40))
+    assert ds.X.dtype == np.float64 and ds.scale == 1.0
+    Xb, _ = ds.batch(ds.order(0, 0)[:7])
+    np.testing.assert_array_equal(gpunn.to_numpy(Xb), X[epoch_order(0, 0, 40)[:7]])
+    scaled = DeviceDataset(net, X, rng.integers(0, 2, 40), input_scale=100.0)
+    np.testing.assert_allclose(gpunn.to_numpy(scaled.X), X * 100, rtol=1e-15)
+
+
+NAN_IN_ROW_1 = np.where(np.arange(12).reshape(4, 3) == 4, np.nan, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("task", "X", "y", "message"),
+    [
+        ("classification", np.ones((4, 3)), np.array([0, 1, 3, -1]), r"labels must lie in 0…2; row 2 has 3"),
+        ("classification", np.ones((4, 3)), np.array([0, -1, 2, 1]), r"row 1 has -1"),
+        ("classification", np.ones((4, 3)), np.ones(4), "labels must be integers"),
+        ("classification", np.ones((4, 3)), np.zeros(5, int), r"labels must have shape \(4,\)"),
+        ("classification", NAN_IN_ROW_1, np.zeros(4, int), "X row 1 is not finite"),
+        ("classification", np.ones((4, 2)), np.zeros(4, int), r"shape \(n, 3\)"),
+        ("binary", np.ones((4, 3)), np.array([0, 1, 2, 1]), r"binary labels must be 0 or 1; row 2 has 2"),
+        ("regression", np.ones((4, 3)), np.array([[0.0, np.inf]] * 4), "target row 0 is not finite"),
+        ("regression", np.ones((4, 3)), np.zeros((4, 3)), r"targets must be real values of shape \(4, 2\)"),
+    ],
+)  # fmt: skip
+def test_bad_rows_are_named(device, task, X, y, message):
+    net = gpunn.MLP(
+        [3, 1 if task == "binary" else 3 if task == "classification" else 2], task=task, device=device
+    )
+    with pytest.raises(ValueError, match=message):
+        DeviceDataset(net, X, y)
+    with pytest.raises(ValueError, match=message):
+        gpunn.backprop(net, X, y)  # backprop checks as fit does

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gpunn.cli import _StopFlag, build_parser
+from gpunn.cli import _StopFlag, build_train_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -153,15 +153,16 @@ def test_entrypoint_is_the_trainer_and_cmd_its_flags(final_stage):
     entrypoint = json.loads(values(final_stage, "ENTRYPOINT")[-1])  # exec form: signals reach Python
     scripts = pyproject()["project"]["scripts"]
     assert Path(entrypoint[0]).name in scripts and scripts[Path(entrypoint[0]).name] == "gpunn.cli:main"
+    assert entrypoint[1] == "train"
     cmd = json.loads(values(final_stage, "CMD")[-1])
-    args = build_parser().parse_args(entrypoint[1:] + cmd)  # the default arguments are valid flags
+    args = build_train_parser("gpunn train").parse_args(entrypoint[2:] + cmd)  # the defaults are valid flags
     assert args.device.startswith("cuda")
 
 
 def test_stop_signal_is_one_the_trainer_checkpoints_on(final_stage):
     name = values(final_stage, "STOPSIGNAL")[-1]
     sig = signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
-    with _StopFlag() as flag:
+    with _StopFlag("gpunn train") as flag:
         assert signal.getsignal(sig) == flag._handle, f"the trainer does not handle {sig.name}"
 
 

@@ -1,5 +1,5 @@
-"""The training step's fast path (preallocated Workspace, flat SGD, on-device gather) computes the same
-updates as the plain reference path (allocating backprop, per-layer SGD, host-side batches)."""
+"""The reference engine's iteration (preallocated Workspace, flat optimizer update, on-device gather)
+computes the same updates as the plainest path (a temporary workspace per call, host-side batches)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 
 import gpunn
 from gpunn.data import DeviceDataset
+from gpunn.engines.reference import XpEngine
 from gpunn.model import Workspace, flatten
-from gpunn.train import TrainStep
 
 
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
@@ -28,9 +28,7 @@ def test_workspace_backprop_equals_reference(device, rng, activation, task, size
     y = rng.integers(0, sizes[-1], 9) if task == "classification" else rng.integers(0, 2, (9, sizes[-1]))
     J_ref, grads_ref = gpunn.backprop(net, X, y)
     ws = Workspace(net, 9)
-    ws.X[...] = device.asarray(X)
-    target = device.asarray(y, np.int32) if task == "classification" else net.targets(y, 9)
-    J, grads = gpunn.backprop(net, ws.X, target, ws)
+    J, grads = gpunn.backprop(net, net.inputs(X), net.targets(y, 9), ws)
     assert grads is ws.grads and grads[0][0].base is not None  # views into ws.grad, nothing new
     assert float(J) == pytest.approx(float(J_ref), rel=1e-13)
     np.testing.assert_allclose(
@@ -61,10 +59,9 @@ def test_train_step_equals_reference_over_many_steps(device, dtype, opt):
     ref, ref_losses = reference_run(X8, y, sizes, order, batch, 40, dtype, **opt)
 
     net = gpunn.MLP(sizes, device=device, seed=0, dtype=dtype)
-    sgd = gpunn.SGD(net, **opt)
-    step = TrainStep(net, sgd, DeviceDataset(X8, y, device))
+    engine = XpEngine(net, gpunn.SGD(net, **opt), DeviceDataset(net, X8, y, 1 / 255))
     rows_all = device.asarray(order)
-    losses = [float(step(rows_all[(t * batch) % n :][:batch], opt["lr"])[0]) for t in range(40)]
+    losses = [float(engine.step(rows_all[(t * batch) % n :][:batch], opt["lr"])[0]) for t in range(40)]
 
     tol = {"float64": 1e-10, "float32": 2e-4}[dtype]  # float32: rounding of 40 steps of updates
     np.testing.assert_allclose(losses, ref_losses, rtol=tol)
@@ -74,12 +71,12 @@ def test_train_step_equals_reference_over_many_steps(device, dtype, opt):
 def test_partial_batch_gets_its_own_workspace(device, rng):
     X8, y = rng.integers(0, 256, (130, 16), dtype=np.uint8), rng.integers(0, 10, 130)
     net = gpunn.MLP([16, 10], device=device, seed=0, dtype="float64")
-    step = TrainStep(net, gpunn.SGD(net, lr=0.1), DeviceDataset(X8, y, device))
+    engine = XpEngine(net, gpunn.SGD(net, lr=0.1), DeviceDataset(net, X8, y, 1 / 255))
     rows = device.asarray(np.arange(130))
-    step(rows[:100], 0.1)
-    J, errors = step(rows[100:], 0.1)
-    assert sorted(step.workspaces) == [30, 100]
-    assert step.workspaces[30].grad is step.workspaces[100].grad
+    engine.step(rows[:100], 0.1)
+    J, errors = engine.step(rows[100:], 0.1)
+    assert sorted(engine.batches) == [30, 100]
+    assert engine.batches[30][0].grad is engine.batches[100][0].grad
     ref = gpunn.MLP([16, 10], seed=0, dtype="float64")
     gpunn.SGD(ref, lr=0.1).step(gpunn.backprop(ref, X8[:100] / 255, y[:100])[1])
     J_ref, _grads = gpunn.backprop(ref, X8[100:] / 255, y[100:])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from gpunn.data import DeviceDataset, load_idx_dataset
-from gpunn.train import Config, TrainState, build, fit
+import gpunn
+from gpunn.data import PIXEL_SCALE, load_idx_dataset
+from gpunn.train import Config
 
-pytestmark = pytest.mark.mnist
+pytestmark = [pytest.mark.mnist, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +26,18 @@ def test_lecture_recipe(mnist, device, hidden, bar):
     assert train.X.shape == (60000, 784) and val.X.shape == (10000, 784)
     cfg = Config(hidden=hidden)  # γ = 0.5, n_b = 100, 15 epochs = 9000 iterations, evaluation every 100
     assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.eval_every) == (0.5, 100, 15, 100)
-    train_set, val_set = DeviceDataset(train.X, train.y, device), DeviceDataset(val.X, val.y, device)
-    net, opt = build(cfg, 784, device)
-    records, state = [], TrainState()
-    assert fit(net, opt, cfg, train_set, val_set, state, records.append)
-    assert state.iteration == 9000 and len(records) == 90
+    net = cfg.network(784, device)
+    history = gpunn.fit(
+        net,
+        train.X,
+        train.y,
+        optimizer=cfg.make_optimizer(net),
+        validation_data=(val.X, val.y),
+        input_scale=PIXEL_SCALE,
+        progress=False,
+        **cfg.fit_options(),
+    )
+    records = history.records
+    assert history.iteration == 9000 and len(records) == 90
     assert records[-1]["val_error"] <= bar
     assert records[0]["val_error"] > records[-1]["val_error"]  # and it got there by learning

@@ -32,7 +32,7 @@ def test_version_is_the_package_version():
 
 
 def test_only_the_backend_imports_cupy():
-    for path in (ROOT / "gpunn").glob("*.py"):
+    for path in (ROOT / "gpunn").rglob("*.py"):
         text = path.read_text()
         if path.name != "backend.py":
             assert not re.search(r"^\s*(import cupy|from cupy)", text, re.M), path.name

@@ -6,172 +6,220 @@ import numpy as np
 import pytest
 
 import gpunn
+from gpunn.checkpoint import load_checkpoint, save_checkpoint
 from gpunn.data import DeviceDataset, load_idx_dataset
-from gpunn.train import (
-    Config,
-    TrainState,
-    TrainStep,
-    build,
-    fit,
-    iterations_per_epoch,
-    load_checkpoint,
-    restore,
-    save_checkpoint,
-)
+from gpunn.engines.reference import XpEngine
+from gpunn.train import Callback, Config, History, iterations_per_epoch
 
 RECORD_KEYS = {"iteration", "epoch", "train_loss", "train_error", "val_loss", "val_error", "lr", "time_s"}
+OPTIONS = {"epochs": 3, "batch_size": 64, "lr": 0.3, "eval_every": 7, "seed": 5, "progress": False}
 
 
 @pytest.fixture
 def digits(digits_dir, device):
     train, val = load_idx_dataset(digits_dir)
-    return DeviceDataset(train.X, train.y, device), DeviceDataset(val.X, val.y, device)
+    return train, val
 
 
-def small_config(**changes):
-    base = {"hidden": [32], "epochs": 3, "batch_size": 64, "lr": 0.3, "eval_every": 7, "seed": 5}
-    return Config(**{**base, **changes}).check()
+def network(device, **kwargs):
+    return gpunn.MLP([784, 32, 10], device=device, seed=5, **kwargs)
+
+
+def fit(net, digits, **changes):
+    train, val = digits
+    options = {**OPTIONS, **changes}
+    return gpunn.fit(net, train.X, train.y, validation_data=(val.X, val.y), input_scale=1 / 255, **options)
+
+
+class Recorder(Callback):
+    def __init__(self, stop_after=None):
+        self.steps, self.checkpoints, self.stop_after = [], [], stop_after
+
+    def on_step(self, iteration):
+        self.steps.append(iteration)
+
+    def on_checkpoint(self, history):
+        self.checkpoints.append(history.iteration)
+
+    def should_stop(self):
+        return self.stop_after is not None and self.steps[-1] >= self.stop_after
 
 
 def test_fit_learns_and_reports(digits, device):
-    train, val = digits
-    cfg = small_config()
-    net, opt = build(cfg, train.p, device)
-    records, checkpoints = [], []
-    state = TrainState()
-    assert fit(net, opt, cfg, train, val, state, records.append, lambda s: checkpoints.append(s.iteration))
+    recorder = Recorder()
+    history = fit(network(device), digits, callbacks=[recorder])
     per_epoch = iterations_per_epoch(1200, 64)  # 19: 18 full batches and one of 48
-    assert per_epoch == 19 and state.iteration == 57 and len(state.batch_loss) == 57
-    assert checkpoints == [19, 38, 57]
+    assert per_epoch == 19 and history.iteration == 57 and len(history.batch_loss) == 57
+    assert recorder.checkpoints == [19, 38, 57] and recorder.steps == list(range(1, 58))
+    records = history.records
     assert [r["iteration"] for r in records] == [*range(7, 57, 7), 57]
     assert all(set(r) == RECORD_KEYS for r in records)
     assert records[-1]["val_error"] < 0.05 and records[0]["val_error"] > 0.3  # it learned the digits
     assert all(0 <= r["train_error"] <= 1 and r["time_s"] >= 0 for r in records)
-    assert records[1]["train_loss"] == pytest.approx(np.mean(state.batch_loss[7:14]))
+    assert records[1]["train_loss"] == pytest.approx(np.mean(history.batch_loss[7:14]))
+    assert history.start_cost == pytest.approx(np.log(10), rel=0.2)  # the initial network is nearly uniform
 
 
 def test_every_row_is_visited_once_per_epoch_and_the_last_partial_batch_is_kept(digits, device):
-    train, val = digits
-    cfg = small_config(epochs=2, eval_every=1000)
-    net, opt = build(cfg, train.p, device)
+    net = network(device)
+    train, _ = digits
+    data = DeviceDataset(net, train.X, train.y, 1 / 255)
     seen = []
-    real = TrainStep(net, opt, train)
 
-    def spy(rows, lr):
-        seen.append(gpunn.to_numpy(rows).copy())
-        return real(rows, lr)
+    class Spy(XpEngine):
+        def step(self, rows, lr):
+            seen.append(gpunn.to_numpy(rows).copy())
+            return super().step(rows, lr)
 
-    fit(net, opt, cfg, train, val, TrainState(), step=spy)
+    optimizer = gpunn.SGD(net, 0.3)
+    gpunn.fit(
+        net,
+        data,
+        epochs=2,
+        batch_size=64,
+        optimizer=optimizer,
+        engine=Spy(net, optimizer, data),
+        seed=5,
+        progress=False,
+    )
     assert [len(r) for r in seen[:19]] == [64] * 18 + [48]
     for epoch in range(2):
         rows = np.concatenate(seen[19 * epoch : 19 * (epoch + 1)])
-        np.testing.assert_array_equal(rows, gpunn.data.epoch_order(cfg.seed, epoch, 1200, 64))
+        np.testing.assert_array_equal(rows, gpunn.data.epoch_order(5, epoch, 1200, 64))
 
 
-def test_divergence_names_iteration_and_rate(digits, device):
-    train, val = digits
-    cfg = small_config(lr=1e30, activation="relu")
-    net, opt = build(cfg, train.p, device)
+def test_without_validation_data_records_have_no_validation_figures(digits, device):
+    train, _ = digits
+    history = gpunn.fit(
+        network(device), train.X, train.y, epochs=1, batch_size=100, input_scale=1 / 255, progress=False
+    )
+    assert [r["iteration"] for r in history.records] == [12]  # once per epoch by default
+    assert history.records[0]["val_loss"] is None and history.records[0]["val_error"] is None
+
+
+def test_a_non_finite_cost_names_iteration_and_rate(digits, device):
     with pytest.raises(gpunn.DivergenceError, match=r"iteration \d+ is (nan|inf).* learning rate 1e\+30"):
-        fit(net, opt, cfg, train, val, TrainState())
+        fit(network(device), digits, lr=1e30, divergence_factor=None)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_cost_that_explodes_but_stays_finite_stops_the_run(digits, device, dtype):
+    """--lr 1e6 gave costs near 1e36 and 95 % error without ever overflowing, and exited 'done'."""
+    with pytest.raises(
+        gpunn.DivergenceError,
+        match=r"median mini-batch cost of iterations 2…21 is .* over 10 × the starting cost",
+    ):
+        fit(network(device, dtype=dtype), digits, lr=1e6)
+    history = fit(
+        network(device, dtype=dtype), digits, lr=1e6, divergence_factor=None
+    )  # the check turned off
+    assert history.iteration == 57 and max(history.batch_loss) > 1e3 * history.start_cost
+
+
+def test_the_divergence_rule_leaves_a_healthy_run_alone(digits, device):
+    history = fit(network(device), digits, lr=2.0)  # a large rate: noisy, but not diverging
+    assert history.iteration == 57 and np.median(history.batch_loss[-20:]) < 10 * history.start_cost
 
 
 def test_divergence_keeps_the_last_good_checkpoint(digits, device, tmp_path):
-    train, val = digits
-    cfg = small_config(epochs=3)
-    net, opt = build(cfg, train.p, device)
-    real = TrainStep(net, opt, train)
+    train, _ = digits
+    net = network(device)
+    optimizer = gpunn.SGD(net, 0.3)
+    data = DeviceDataset(net, train.X, train.y, 1 / 255)
     path = tmp_path / "checkpoint.npz"
 
-    def poisoned(rows, lr):  # the cost turns non-finite in the second epoch
-        J, errors = real(rows, lr)
-        return (J * np.nan if poisoned.t >= 25 else J), errors
+    class Poisoned(XpEngine):  # the cost turns non-finite in the second epoch
+        t = 0
 
-    def count(t):
-        poisoned.t = t
+        def step(self, rows, lr):
+            J, errors = super().step(rows, lr)
+            Poisoned.t += 1
+            return (J * np.nan if Poisoned.t > 25 else J), errors
 
-    poisoned.t = 0
+    class Saver(Callback):
+        def on_checkpoint(self, history):
+            save_checkpoint(path, net, optimizer, history)
+
     with pytest.raises(gpunn.DivergenceError, match="iteration 26 "):
-        fit(
+        gpunn.fit(
             net,
-            opt,
-            cfg,
-            train,
-            val,
-            TrainState(),
-            on_step=count,
-            step=poisoned,
-            on_checkpoint=lambda s: save_checkpoint(path, net, opt, cfg, s),
+            data,
+            epochs=3,
+            batch_size=64,
+            optimizer=optimizer,
+            engine=Poisoned(net, optimizer, data),
+            callbacks=[Saver()],
+            progress=False,
         )
-    assert load_checkpoint(path)[2].iteration == 19
+    assert load_checkpoint(path).history.iteration == 19
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_stop_and_resume_ends_where_an_uninterrupted_run_ends(digits, device, tmp_path, momentum):
-    train, val = digits
-    cfg = small_config(momentum=momentum, lr_schedule="cosine")
-    whole, whole_opt = build(cfg, train.p, device)
-    whole_state, whole_records = TrainState(), []
-    fit(whole, whole_opt, cfg, train, val, whole_state, whole_records.append)
+@pytest.mark.parametrize(("optimizer", "extra"), [("sgd", {"momentum": 0.9}), ("adam", {"lr": 0.003})])
+def test_stop_and_resume_ends_where_an_uninterrupted_run_ends(digits, device, tmp_path, optimizer, extra):
+    options = {"optimizer": optimizer, "lr_schedule": "step", "lr_step_epochs": 1, **extra}
+    whole = network(device)
+    whole_history = fit(whole, digits, **options)
 
-    net, opt = build(cfg, train.p, device)
-    path = tmp_path / "checkpoint.npz"
-    records = []
-    stop_at = iter([False] * 23 + [True])  # stop after iteration 24, mid-epoch and mid-block
-    done = fit(
-        net,
-        opt,
-        cfg,
-        train,
-        val,
-        TrainState(),
-        records.append,
-        lambda s: save_checkpoint(path, net, opt, cfg, s),
-        should_stop=lambda: next(stop_at),
+    net = network(device)
+    opt = gpunn.optim.make_optimizer(
+        net, optimizer, **{k: v for k, v in {**OPTIONS, **options}.items() if k in ("lr", "momentum")}
     )
-    assert not done
+    path = tmp_path / "checkpoint.npz"
 
-    cfg2, arrays, state = load_checkpoint(path)
-    assert cfg2 == cfg and state.iteration == 24
-    resumed, resumed_opt = build(cfg2, train.p, device)
-    restore(resumed, resumed_opt, arrays, path)
-    assert fit(resumed, resumed_opt, cfg2, train, val, state, records.append)
-    assert state.iteration == whole_state.iteration == 57
+    class Saver(Callback):
+        def on_checkpoint(self, history):
+            save_checkpoint(path, net, opt, history)
+
+    recorder = Recorder(stop_after=24)  # mid-epoch and mid-evaluation window
+    fit(net, digits, callbacks=[recorder, Saver()], **{**options, "optimizer": opt})
+    ckpt = load_checkpoint(path)
+    assert ckpt.history.iteration == 24 and ckpt.optimizer["name"] == optimizer
+
+    resumed = ckpt.network(device)
+    resumed_history = fit(
+        resumed, digits, history=ckpt.history, **{**options, "optimizer": ckpt.make_optimizer(resumed)}
+    )
+    assert resumed_history.iteration == whole_history.iteration == 57
     np.testing.assert_allclose(
         gpunn.to_numpy(resumed.theta), gpunn.to_numpy(whole.theta), rtol=1e-5, atol=1e-7
     )
-    np.testing.assert_allclose(state.batch_loss, whole_state.batch_loss, rtol=1e-5)
-    assert [r["iteration"] for r in records] == [r["iteration"] for r in whole_records]
-    assert records[3]["train_loss"] == pytest.approx(whole_records[3]["train_loss"], rel=1e-5)
+    np.testing.assert_allclose(resumed_history.batch_loss, whole_history.batch_loss, rtol=1e-5)
+    assert [r["iteration"] for r in resumed_history.records] == [
+        r["iteration"] for r in whole_history.records
+    ]
+    assert resumed_history.records[3]["train_loss"] == pytest.approx(
+        whole_history.records[3]["train_loss"], rel=1e-5
+    )
 
 
-def test_checkpoint_round_trip_and_damage(digits, device, tmp_path):
-    train, _ = digits
-    cfg = small_config(momentum=0.5)
-    net, opt = build(cfg, train.p, device)
-    state = TrainState(iteration=2, train_time=1.5, batch_loss=[2.0, 1.0], batch_error=[0.5, 0.25])
+def test_a_finished_run_continues_to_more_epochs_like_a_longer_run(digits, device):
+    longer = network(device)
+    fit(longer, digits, epochs=4)
+    net = network(device)
+    optimizer = gpunn.SGD(net, 0.3)
+    history = fit(net, digits, optimizer=optimizer)
+    fit(net, digits, optimizer=optimizer, history=history, epochs=4)
+    assert history.iteration == 76 and len(history.batch_loss) == 76
+    np.testing.assert_allclose(gpunn.to_numpy(net.theta), gpunn.to_numpy(longer.theta), rtol=1e-6)
+
+
+def test_checkpoint_round_trip(digits, device, tmp_path):
+    net = network(device)
+    opt = gpunn.SGD(net, 0.3, momentum=0.5)
+    history = History(
+        iteration=2, train_time=1.5, batch_loss=[2.0, 1.0], batch_error=[0.5, 0.25], start_cost=2.3
+    )
+    cfg = Config(hidden=[32], momentum=0.5, lr=0.3).check()
     path = tmp_path / "checkpoint.npz"
-    save_checkpoint(path, net, opt, cfg, state)
-    cfg2, arrays, state2 = load_checkpoint(path)
-    assert cfg2 == cfg and state2 == state
-    assert {"W1", "b1", "W2", "b2", "velocity"} <= set(arrays)
+    save_checkpoint(path, net, opt, history, cfg, {"dataset": "mnist", "device": "cpu"})
+    ckpt = load_checkpoint(path)
+    assert (
+        ckpt.config == cfg and ckpt.history == history and ckpt.run == {"dataset": "mnist", "device": "cpu"}
+    )
+    assert ckpt.optimizer == {"name": "sgd", "lr": 0.3, "momentum": 0.5, "weight_decay": 0.0}
+    assert set(ckpt.optimizer_state) == {"velocity"}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.npz"]  # no temporary file left
-
-    with pytest.raises(gpunn.CheckpointError, match="does not fit this network"):
-        other, other_opt = build(small_config(hidden=[16]), train.p, device)
-        restore(other, other_opt, arrays, path)
-    good = path.read_bytes()
-    flipped = bytearray(good)
-    flipped[len(good) // 3] ^= 0xFF
-    for damage in (good[: len(good) // 2], b"not a zip", bytes(flipped)):
-        path.write_bytes(damage)
-        with pytest.raises(gpunn.CheckpointError, match="damaged or not a gpunn checkpoint"):
-            load_checkpoint(path)
-    np.savez(path, W1=np.zeros(3))  # a valid archive, but not ours
-    with pytest.raises(gpunn.CheckpointError, match="damaged or not a gpunn checkpoint"):
-        load_checkpoint(path)
-    with pytest.raises(gpunn.CheckpointError, match="no checkpoint at"):
-        load_checkpoint(tmp_path / "absent.npz")
+    np.testing.assert_array_equal(gpunn.to_numpy(ckpt.network("cpu").theta), gpunn.to_numpy(net.theta))
 
 
 @pytest.mark.parametrize(
@@ -179,7 +227,9 @@ def test_checkpoint_round_trip_and_damage(digits, device, tmp_path):
     [
         ({"epochs": 0}, "epochs must be"),
         ({"batch_size": -1}, "batch_size must be"),
+        ({"batch_size": 10**20}, "batch_size must be"),
         ({"hidden": [0]}, "hidden widths"),
+        ({"hidden": [10**9]}, "hidden widths"),
         ({"lr": float("nan")}, "lr must be a finite number"),
         ({"lr": float("inf")}, "lr must be a finite number"),
         ({"momentum": 1.0}, "momentum"),
@@ -187,8 +237,31 @@ def test_checkpoint_round_trip_and_damage(digits, device, tmp_path):
         ({"lr_schedule": "linear"}, "lr_schedule"),
         ({"activation": "identity"}, "activation"),
         ({"num_classes": 1}, "num_classes"),
+        ({"optimizer": "adam", "momentum": 0.9}, "momentum must be 0 with optimizer 'adam'"),
+        ({"optimizer": "rmsprop"}, "optimizer must be one of"),
     ],
 )
 def test_config_refuses_impossible_values(changes, message):
     with pytest.raises(ValueError, match=message):
         Config(**changes).check()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": 0}, "epochs must be"),
+        ({"batch_size": 2.5}, "batch_size must be"),
+        ({"eval_every": -1}, "eval_every must be"),
+        ({"lr_schedule": "linear"}, "lr_schedule must be"),
+        ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
+        ({"optimizer": "adam", "momentum": 0.9}, "momentum is an SGD option"),
+        ({"engine": "turbo"}, "unknown engine 'turbo'"),
+        ({"divergence_factor": 0.5}, "divergence_factor must be"),
+        ({"validation_data": [1, 2, 3]}, "validation_data must be"),
+        ({"input_scale": 0}, "input_scale must be"),
+    ],
+)
+def test_fit_refuses_impossible_arguments(kwargs, message):
+    net = gpunn.MLP([2, 3])
+    with pytest.raises(ValueError, match=message):
+        gpunn.fit(net, np.zeros((4, 2)), np.zeros(4, int), progress=False, **kwargs)

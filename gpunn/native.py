@@ -1,12 +1,22 @@
-"""Matrix products as prepared BLAS calls: C ← α·A·B + β·C on fixed arrays, one ctypes call each.
+"""Typed native bindings that no well-kept library offers at the same speed: BLAS gemm on the CPU and
+cuBLAS gemm during CUDA graph capture. Each is bound once, checked at first use, and lives here.
+
+CPU: matrix products as prepared BLAS calls, C ← α·A·B + β·C on fixed arrays, one ctypes call each.
 
 NumPy's ``matmul`` can only overwrite its output and takes no α, so an update W ← W − dZᵀQ costs a
 product written to memory and a second pass to subtract it, and every call converts its arguments
 anew. ``gemm(A, B, C, alpha, beta)`` calls the BLAS library NumPy itself loaded (OpenBLAS in NumPy's
 wheels; MKL or another CBLAS elsewhere), found by symbol and checked on a small product before first
-use, with every argument converted once: the CPU engine (blas_step.py) is built from such calls.
+use, with every argument converted once: the CPU engine (engines/blas.py) is built from such calls.
 Where no BLAS is found, for other layouts, or for CuPy arrays, the same call runs NumPy's/CuPy's
 matmul instead, and ``available()`` tells which.
+
+CUDA: ``CublasGemm`` calls cuBLAS's own cublas<t>gemm_v2 on CuPy's handle, the one product that may
+run while a stream is being captured into a CUDA graph (CuPy's matmul and its cuBLAS binding refuse).
+
+Why these stay hand-written (A/B figures in benchmarks/README.md): SciPy's ``scipy.linalg.blas.sgemm``
+costs more per call than a prepared ctypes call and drives a second OpenBLAS thread pool beside
+NumPy's; NVIDIA's nvmath-python binds cuBLAS too, but is one more CUDA dependency for one function.
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ from pathlib import Path
 
 import numpy
 
-from .backend import get_array_module, loaded_libraries
+from .backend import get_array_module, import_cupy
+from .errors import DeviceError
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 # (single, double, integer type) for the CBLAS flavours NumPy builds ship: NumPy 2's scipy-openblas
@@ -31,6 +42,17 @@ _SYMBOLS = (
 )
 _gemm: dict | None = None
 _searched = False
+
+
+def loaded_libraries() -> list[str]:
+    """Paths of the files this process has mapped (its shared libraries among them), in load order,
+    each once: Linux's /proc/self/maps, empty elsewhere."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    paths = [fields[-1] for fields in map(str.split, lines) if len(fields) >= 6]
+    return list(dict.fromkeys(paths))
 
 
 def _candidate_libraries() -> list[str]:
@@ -155,3 +177,68 @@ def gemm(A, B, C, alpha: float = 1.0, beta: float = 0.0) -> Callable[[], None]:
 
     call.arrays = (A, B, C)
     return call
+
+
+# --- cuBLAS --------------------------------------------------------------------------------------
+
+
+def cublas_library():
+    """ctypes handle on the libcublas this process loaded (through CuPy): its C functions, for the
+    calls CuPy's binding refuses while a stream is capturing. DeviceError where none is loaded."""
+    import_cupy().cuda.device.get_cublas_handle()  # makes CuPy load cuBLAS
+    for path in loaded_libraries():
+        if "libcublas.so" in Path(path).name:
+            return ctypes.CDLL(path)
+    raise DeviceError("cannot find the cuBLAS library CuPy loaded (read from /proc/self/maps)")
+
+
+def cublas_arguments(A, B, C, pointer) -> tuple:
+    """The arguments of a column-major cuBLAS gemm that computes the row-major C = A·B.
+
+    A (m, k), B (k, n), C (m, n) are 2-D arrays whose rows or columns are contiguous (transposed views
+    included); ``pointer(array)`` gives an array's address. Returns (transa, transb, m', n', k,
+    A', lda, B', ldb, C', ldc) for C' = op(A')·op(B') in cuBLAS's column-major terms: an array with
+    contiguous columns is itself column-major; one with contiguous rows is its transpose's. When C has
+    contiguous rows, Cᵀ = Bᵀ·Aᵀ is what cuBLAS computes.
+    """
+
+    def operand(x):  # (op, leading dimension) of x as a column-major matrix, or of xᵀ (then op = T)
+        size = x.itemsize
+        if x.strides[0] == size and x.strides[1] >= max(1, x.shape[0]) * size:
+            return 0, x.strides[1] // size
+        if x.strides[1] == size and x.strides[0] >= max(1, x.shape[1]) * size:
+            return 1, x.strides[0] // size
+        raise ValueError(f"an operand of strides {x.strides} has neither rows nor columns contiguous")
+
+    if C.strides[0] != C.itemsize or C.strides[1] < C.shape[0] * C.itemsize:  # rows contiguous
+        A, B, C = B.T, A.T, C.T
+    (op_a, lda), (op_b, ldb), (op_c, ldc) = operand(A), operand(B), operand(C)
+    if op_c != 0:
+        raise ValueError("C must have contiguous rows or columns")
+    m, k, n = A.shape[0], A.shape[1], B.shape[1]
+    return op_a, op_b, m, n, k, pointer(A), lda, pointer(B), ldb, pointer(C), ldc
+
+
+class CublasGemm:
+    """C = A·B for CuPy arrays by cuBLAS's own C function (cublas<t>gemm_v2 through ctypes), on the
+    handle CuPy uses, on whatever stream that handle is bound to: the one call that may run during
+    stream capture. α = 1 and β = 0 are read from the host (graph capture sets host pointer mode)."""
+
+    def __init__(self, dtype):
+        cupy = import_cupy()
+        self.handle = cupy.cuda.device.get_cublas_handle()
+        single = numpy.dtype(dtype) == numpy.float32
+        self.function = getattr(cublas_library(), "cublasSgemm_v2" if single else "cublasDgemm_v2")
+        # handle, transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        operand = [pointer, integer]
+        self.function.argtypes = [pointer] + [integer] * 5 + [pointer] + operand * 2 + [pointer] + operand
+        self.function.restype = integer
+        self.one, self.zero = numpy.ones(1, dtype=dtype), numpy.zeros(1, dtype=dtype)  # kept alive
+
+    def __call__(self, A, B, C) -> None:
+        ta, tb, m, n, k, a, lda, b, ldb, c, ldc = cublas_arguments(A, B, C, lambda x: x.data.ptr)
+        one, zero = self.one.ctypes.data, self.zero.ctypes.data
+        status = self.function(self.handle, ta, tb, m, n, k, one, a, lda, b, ldb, zero, c, ldc)
+        if status != 0:
+            raise RuntimeError(f"cuBLAS gemm returned status {status}")

@@ -1,4 +1,4 @@
-"""blas.gemm, the prepared C ← αAB + βC that the CPU engine is built from."""
+"""native.gemm, the prepared C ← αAB + βC that the CPU engine is built from."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import gc
 import numpy as np
 import pytest
 
-from gpunn import blas
+from gpunn import native
 
 
 def test_numpy_blas_is_found_here():
     # NumPy's wheels carry OpenBLAS; if this fails, the CPU engine is not used (make_step says why).
-    assert blas.available()
+    assert native.available()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -23,7 +23,7 @@ def test_gemm_matches_numpy(rng, dtype, layout, beta):
     B = rng.standard_normal((5, 9)).astype(dtype)
     C = rng.standard_normal((7, 9)).astype(dtype)
     A, B, C = (np.asarray(x, order=o) for x, o in zip((A, B, C), layout))
-    call = blas.gemm(A, B, C, -0.75, beta)
+    call = native.gemm(A, B, C, -0.75, beta)
     for _ in range(2):  # the prepared call reads the arrays' current contents every time
         want = beta * C + (-0.75) * (A @ B)
         call()
@@ -37,8 +37,8 @@ def test_transposed_views_and_row_vectors_as_the_engine_passes_them(rng):
     W = np.asfortranarray(rng.standard_normal((20, 30)).astype(np.float32))  # a column-major W view
     b = rng.standard_normal(20).astype(np.float32)
     want_W, want_b = W - dZ.T @ Q, b - dZ.sum(axis=0)
-    blas.gemm(dZ.T, Q, W, -1.0, 1.0)()
-    blas.gemm(np.ones((1, 100), np.float32), dZ, b[None, :], -1.0, 1.0)()
+    native.gemm(dZ.T, Q, W, -1.0, 1.0)()
+    native.gemm(np.ones((1, 100), np.float32), dZ, b[None, :], -1.0, 1.0)()
     np.testing.assert_allclose(W, want_W, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(b, want_b, rtol=1e-5, atol=1e-5)
 
@@ -47,7 +47,7 @@ def test_the_call_keeps_its_arrays_alive(rng):
     A, B = rng.standard_normal((4, 3)), rng.standard_normal((3, 2))
     want = A @ B
     C = np.zeros((4, 2))
-    call = blas.gemm(A.copy(), B.copy(), C)  # the only references to the copies are the call's
+    call = native.gemm(A.copy(), B.copy(), C)  # the only references to the copies are the call's
     gc.collect()
     clobber = [np.full(n, np.nan) for n in (12, 6, 12, 6)]  # would take over freed blocks of that size
     call()
@@ -62,16 +62,16 @@ def test_falls_back_to_numpy_where_blas_cannot(rng, monkeypatch, beta):
     want = beta * C + 2.0 * (A @ B)
     strided = np.zeros((3, 4))[:, ::2]  # neither C- nor Fortran-ordered
     strided[...] = C
-    blas.gemm(A, B, strided, 2.0, beta)()
+    native.gemm(A, B, strided, 2.0, beta)()
     np.testing.assert_allclose(strided, want)
-    monkeypatch.setattr(blas, "_gemm", None)
-    monkeypatch.setattr(blas, "_searched", True)
-    assert not blas.available()
-    blas.gemm(A, B, C, 2.0, beta)()
+    monkeypatch.setattr(native, "_gemm", None)
+    monkeypatch.setattr(native, "_searched", True)
+    assert not native.available()
+    native.gemm(A, B, C, 2.0, beta)()
     np.testing.assert_allclose(C, want)
 
 
 def test_beta_other_than_zero_or_one_is_refused(rng):
     A = rng.standard_normal((2, 2))
     with pytest.raises(ValueError, match="beta must be 0 or 1"):
-        blas.gemm(A, A, A.copy(), 1.0, 0.5)
+        native.gemm(A, A, A.copy(), 1.0, 0.5)

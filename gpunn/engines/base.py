@@ -1,0 +1,103 @@
+"""The engine contract: what the training loop (``train.fit``) may ask of any engine, and nothing else.
+
+An engine runs stretches of SGD iterations of one network with one optimizer on one device-resident
+data set, and evaluates the network. The loop never knows which engine it talks to:
+
+    reason = Engine.supports(net, optimizer, data, comm)   # None, or one line saying why not
+    engine = Engine(net, optimizer, data, comm)
+    costs, errors = engine.run(order, first, count, batch_size, lrs)   # count <= engine.max_steps
+    cost, error_rate = engine.evaluate(data)
+
+Iteration ``first + k`` of an epoch takes the rows ``order[(first+k)·n_b : (first+k+1)·n_b]`` (the
+last of an epoch may be shorter) with learning rate ``lrs[k]``. Under data parallelism (``comm`` of
+size N > 1) each rank takes a contiguous slice of those rows (a rank may get none) and the ranks sum
+their scaled gradients with one allreduce per iteration, so N processes compute what one computes.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy
+
+from ..backend import to_numpy
+from ..distributed import SingleProcess
+
+EVAL_CHUNK = 1000  # rows per evaluation product: large enough for BLAS, small enough for any memory
+
+
+class Engine:
+    """Base class of every engine. Eager engines implement ``step``; ``run`` then runs one at a time."""
+
+    name: ClassVar[str] = "?"
+    max_steps: int = 1  # the most iterations one ``run`` call takes; the loop never asks for more
+
+    @classmethod
+    def supports(cls, net, optimizer, data, comm=None) -> str | None:
+        """None where this engine can train ``net`` with ``optimizer`` on ``data`` here; else why not."""
+        return None
+
+    def refusal(self, net, optimizer, data, comm) -> str | None:
+        """What ``__init__`` checks: ``supports`` (an emulated engine skips the device part)."""
+        return self.supports(net, optimizer, data, comm)
+
+    def __init__(self, net, optimizer, data, comm=None):
+        reason = self.refusal(net, optimizer, data, comm)
+        if reason is not None:
+            raise ValueError(reason)
+        self.net, self.optimizer, self.data = net, optimizer, data
+        self.comm = comm if comm is not None else SingleProcess()
+        self.records = net.xp.zeros((self.max_steps, 2), dtype=numpy.float64)  # (J, errors) per step
+
+    def run(self, order, first: int, count: int, batch_size: int, lrs):
+        """Iterations first … first + count − 1 of the epoch whose permutation is ``order`` (see the
+        module). Returns (costs, errors): (count,) device arrays of each mini-batch's J and number of
+        misclassified rows (NaN for regression), valid until the next call."""
+        for k in range(count):
+            start = (first + k) * batch_size
+            J, errors = self.step(order[start : start + batch_size], lrs[k])
+            self.records[k, 0] = J
+            self.records[k, 1] = numpy.nan if errors is None else errors
+        return self.records[:count, 0], self.records[:count, 1]
+
+    def step(self, rows, lr):
+        """One iteration on ``rows`` (the whole mini-batch, every rank's) with learning rate ``lr``:
+        returns (J, misclassified rows or None) of the whole mini-batch."""
+        raise NotImplementedError
+
+    def evaluate(self, data, chunk: int = EVAL_CHUNK) -> tuple[float, float | None]:
+        """(mean cost J, misclassification rate or None for regression) of the network on the whole of
+        ``data``, in chunks of ``chunk`` rows; under data parallelism each rank takes its share of the
+        chunks. One synchronisation at the end."""
+        raise NotImplementedError
+
+    # --- for the engines ------------------------------------------------------------------------
+
+    def local_rows(self, rows):
+        """(this rank's contiguous slice of the mini-batch ``rows``, its share of the rows m_r / m)."""
+        size = self.comm.size
+        if size == 1:
+            return rows, 1.0
+        m, r = rows.shape[0], self.comm.rank
+        lo, hi = r * m // size, (r + 1) * m // size
+        return rows[lo:hi], (hi - lo) / m
+
+    def my_chunks(self, n: int, chunk: int) -> list[slice]:
+        return my_chunks(n, chunk, self.comm)
+
+    def finish_evaluation(self, totals, n: int) -> tuple[float, float | None]:
+        return finish_evaluation(totals, n, self.net.task, self.comm)
+
+
+def my_chunks(n: int, chunk: int, comm) -> list[slice]:
+    """The chunks of rows 0…n−1 this rank evaluates: every size-th, starting at its rank."""
+    spans = [slice(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+    return spans[comm.rank :: comm.size]
+
+
+def finish_evaluation(totals, n: int, task: str, comm) -> tuple[float, float | None]:
+    """(cost sum, error count) of this rank's chunks, summed over ranks -> (mean cost, error rate or
+    None for regression)."""
+    comm.allreduce(totals)
+    cost, errors = to_numpy(totals).tolist()
+    return cost / n, (None if task == "regression" else errors / n)
