@@ -14,11 +14,13 @@ import argparse
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Callable
 
 from .backend import Device, get_device, parse_device
 from .errors import DeviceError, GpunnError
+from .files import display_path, reason_of
 
 
 class UsageError(GpunnError):
@@ -57,31 +59,71 @@ def run_command(prog: str, parse: Callable, run: Callable[..., int], argv: list[
     """``run(parse(argv))`` with every error a user can cause turned into one line and an exit status.
 
     SIGTERM stops the command like Ctrl-C (exit 143), also where Python runs as PID 1 in a container and
-    would otherwise ignore it.
+    would otherwise ignore it. Under ``mpiexec`` only rank 0 reports what every rank sees alike (bad
+    flags, another rank's failure), and a rank that ends with an error ends every rank (MPI_Abort), so
+    none is left waiting in a collective.
     """
     argv = sys.argv[1:] if argv is None else argv
     main_thread = threading.current_thread() is threading.main_thread()  # signals are the main thread's
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         return run(parse(argv))
-    except UsageError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except GpunnError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except MemoryError as exc:  # CuPy's OutOfMemoryError is one
-        print(f"{prog}: error: out of memory ({exc}); try a smaller batch or network", file=sys.stderr)
-        return 1
-    except OSError as exc:  # a full disk, a folder that vanished
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+    except BaseException as exc:
+        code, line = _outcome(exc)
+        if code is None:  # a bug: its traceback, and under MPI the other ranks must not wait for this one
+            _end_other_ranks(1, unexpected=True)
+            raise
+        if _reports(exc):
+            print(f"{prog}: {line}", file=sys.stderr)
+        _end_other_ranks(code)
+        return code
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _outcome(exc: BaseException) -> tuple[int | None, str | None]:
+    """(exit status, the line to print) for an error a user can cause; (None, None) for a bug."""
+    if isinstance(exc, UsageError):
+        return 2, f"error: {exc}"
+    if isinstance(exc, GpunnError):
+        return 1, f"error: {exc}"
+    if isinstance(exc, MemoryError):  # CuPy's OutOfMemoryError is one
+        return 1, f"error: out of memory ({exc}); try a smaller batch or network"
+    if isinstance(exc, OSError):  # a folder that vanished mid-run, a device gone
+        where = f" ({display_path(exc.filename)})" if exc.filename else ""
+        return 1, f"error: {reason_of(exc)}{where}"
+    if isinstance(exc, KeyboardInterrupt):
+        return (143 if isinstance(exc, Terminated) else 130), "interrupted"
+    return None, None
+
+
+def _mpi_rank() -> int | None:
+    from .distributed import mpi_launch
+
+    launch = mpi_launch()
+    return None if launch is None or launch.size == 1 else launch.rank
+
+
+def _reports(exc: BaseException) -> bool:
+    """Whether this process prints ``exc``: always outside MPI; under MPI not an error relayed from the
+    rank that reports it (Communicator.check_all), nor bad flags except on rank 0 (every rank parses
+    the same flags)."""
+    rank = _mpi_rank()
+    if rank is None:
+        return True
+    return not getattr(exc, "relayed", False) and (rank == 0 or not isinstance(exc, UsageError))
+
+
+def _end_other_ranks(code: int, unexpected: bool = False) -> None:
+    """Under MPI, once MPI has started: end every rank (MPI_Abort) with ``code``."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if _mpi_rank() is None or mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return
+    if unexpected:
+        traceback.print_exc()
+    sys.stderr.flush()
+    mpi.COMM_WORLD.Abort(code)
 
 
 def with_notices(prog: str, f: Callable, *args, **kwargs):

@@ -25,7 +25,7 @@ import numpy
 
 from .backend import to_numpy
 from .data import DeviceDataset
-from .distributed import get_communicator
+from .distributed import get_communicator, share_cores
 from .engines import ENGINE_NAMES, Engine, make_engine
 from .errors import DivergenceError
 from .layers import ACTIVATIONS
@@ -182,6 +182,8 @@ def fit(
         gamma=lr_gamma,
     )
     comm = comm if comm is not None else get_communicator("auto", net.device)
+    if comm.size > 1 and not net.device.is_cuda:
+        share_cores(comm)
     if not isinstance(engine, Engine):
         if engine not in ENGINE_NAMES:
             raise ValueError(f"unknown engine {engine!r}; choose from {list(ENGINE_NAMES)}")
