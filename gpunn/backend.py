@@ -11,6 +11,7 @@ CUDA device is asked for, and when CuPy or the GPU is unavailable the error keep
 
 from __future__ import annotations
 
+import ctypes
 import re
 import warnings
 from types import ModuleType
@@ -32,17 +33,26 @@ class DeviceFallbackWarning(UserWarning):
     """``get_device("auto")`` found no usable GPU and chose the CPU."""
 
 
+class CupyMissing(DeviceError):
+    """CuPy is not installed at all: the user chose a CPU-only install."""
+
+
 def import_cupy() -> ModuleType:
-    """Return the CuPy module, importing it on first use; raise DeviceError with the reason if absent."""
+    """Return the CuPy module, importing it on first use; raise DeviceError with the reason if absent
+    (CupyMissing where it is simply not installed)."""
     global _cupy, _cupy_import_error
     if _cupy is None and _cupy_import_error is None:
         try:
             import cupy
-        except Exception as exc:  # ImportError, or a broken install raising anything else
+        except ModuleNotFoundError as exc:
+            _cupy_import_error = "" if exc.name == "cupy" else f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a broken install raising anything else
             _cupy_import_error = f"{type(exc).__name__}: {exc}"
         else:
             _cupy = cupy
     if _cupy is None:
+        if not _cupy_import_error:
+            raise CupyMissing(f"CUDA needs CuPy, which is not installed: {_CUPY_HINT}")
         raise DeviceError(f"CUDA needs CuPy, which cannot be imported ({_cupy_import_error}); {_CUPY_HINT}")
     return _cupy
 
@@ -59,6 +69,46 @@ def import_cublas() -> ModuleType:
 def _cuda_message(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())
+
+
+def _version(v: int) -> str:
+    """CUDA's integer versions: 12090 -> "12.9"."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def driver_version() -> int | None:
+    """The CUDA version the installed NVIDIA driver supports (e.g. 12090), or None where there is no
+    driver (no libcuda to load)."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return version.value
+
+
+def _why_no_gpu(cupy: ModuleType, exc: BaseException) -> str:
+    """What CUDA's error at startup means on this machine, in words: no driver, a driver too old for
+    this CuPy, no GPU visible; else CUDA's own message."""
+    message = _cuda_message(exc)
+    driver = driver_version()
+    if driver is None:
+        return f"no NVIDIA driver is installed (libcuda.so.1 cannot be loaded) [{message}]"
+    try:
+        needed = int(cupy.cuda.runtime.runtimeGetVersion())
+    except Exception:
+        needed = None
+    if needed is not None and driver < needed:
+        has, wants = _version(driver), _version(needed)
+        return (
+            f"the NVIDIA driver supports CUDA {has} but this CuPy needs CUDA {wants}: update the driver, "
+            f"or install the CuPy of an older CUDA ({_CUPY_HINT}) [{message}]"
+        )
+    if "NoDevice" in message:
+        return f"the NVIDIA driver sees no GPU (CUDA_VISIBLE_DEVICES may hide them) [{message}]"
+    return message
 
 
 class Device:
@@ -130,10 +180,11 @@ def parse_device(spec: str) -> tuple[str, int]:
 def get_device(spec: str | Device = "auto") -> Device:
     """The device named by ``spec``: "cpu", "cuda" (= "cuda:0"), "cuda:N" or "auto".
 
-    "auto" is the first GPU when CuPy imports and a GPU answers, else the CPU with one
-    DeviceFallbackWarning saying why. "cuda"/"cuda:N" raise DeviceError with the real reason (CuPy not
-    installed, no driver, no such device) instead of falling back. The chosen GPU becomes CuPy's current
-    device, so arrays made afterwards land on it.
+    "auto" is the first GPU when CuPy imports and a GPU answers, else the CPU: silently where CuPy is
+    not installed (a CPU install: nobody asked for a GPU), with one DeviceFallbackWarning saying why
+    where CuPy is installed but cannot reach a GPU. "cuda"/"cuda:N" raise DeviceError with the real
+    reason (CuPy not installed, no driver, a driver too old, no such device) instead of falling back.
+    The chosen GPU becomes CuPy's current device, so arrays made afterwards land on it.
     """
     if isinstance(spec, Device):
         return spec
@@ -144,6 +195,8 @@ def get_device(spec: str | Device = "auto") -> Device:
         return _cuda_device(index)
     try:
         return _cuda_device(0)
+    except CupyMissing:
+        return CPU
     except DeviceError as exc:
         global _auto_notice_given
         if not _auto_notice_given:
@@ -157,7 +210,7 @@ def _cuda_device(index: int) -> Device:
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError: no driver, driver too old, no device
-        raise DeviceError(f"CuPy cannot reach a GPU: {_cuda_message(exc)}") from exc
+        raise DeviceError(f"CuPy cannot reach a GPU: {_why_no_gpu(cupy, exc)}") from exc
     if count == 0:
         raise DeviceError("CuPy found no CUDA device")
     if index >= count:

@@ -34,6 +34,7 @@ import numpy as np
 import gpunn
 from gpunn.commands import Parser, UsageError, device_name, no_matplotlib, run_command
 from gpunn.commands import device as cli_device
+from gpunn.files import display_path
 
 PROG = "two_class.py"
 LIMITS = (-2.5, 2.5)  # the square the figure shows
@@ -238,6 +239,7 @@ def _plot(path: Path, result: Result) -> None:
     ax.set_ylabel("$x_2$")
     ax.set_title("Figure 5.4: 2-2-1 network (tanh, sigmoid output)")
     fig.savefig(path, format="png", dpi=100)
+    print(f"{PROG}: wrote {display_path(path)}")
 
 
 if __name__ == "__main__":

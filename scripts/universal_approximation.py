@@ -32,6 +32,7 @@ import numpy as np
 import gpunn
 from gpunn.commands import Parser, UsageError, device_name, no_matplotlib, run_command
 from gpunn.commands import device as cli_device
+from gpunn.files import display_path
 
 PROG = "universal_approximation.py"
 FUNCTIONS = {  # name: (f on the host, its label in the figure)
@@ -162,6 +163,7 @@ def _plot(path: Path, fits: list[Fit]) -> None:
     fig.axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle("Figure 5.3: two-layer network, 3 tanh hidden units, linear output")
     fig.savefig(path, format="png", dpi=100)
+    print(f"{PROG}: wrote {display_path(path)}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import numpy as np
 import gpunn
 from gpunn.commands import Parser, UsageError, device_name, no_matplotlib, run_command
 from gpunn.commands import device as cli_device
+from gpunn.files import display_path
 
 PROG = "xor.py"
 X_XOR = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])  # (4, 2), one input per row
@@ -226,6 +227,7 @@ def _plot(path: Path, Q: np.ndarray, trained: Start) -> None:
     ax.plot(q1, (q1 - 0.5) / 2, "k--", lw=1, label="q1 − 2 q2 = 1/2")
     ax.legend(loc="upper left", fontsize=8)
     fig.savefig(path, format="png", dpi=100)
+    print(f"{PROG}: wrote {display_path(path)}")
 
 
 if __name__ == "__main__":

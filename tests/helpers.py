@@ -1,8 +1,11 @@
-"""Test helpers: IDX files written by hand, and a small synthetic digit set."""
+"""Test helpers: IDX files written by hand, a small synthetic digit set, and the trainer in a subprocess."""
 
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,3 +39,35 @@ def make_digits(n: int, seed: int, size: int = 28, classes: int = 10):
         r0, c0 = 2 + 7 * r + dr, 2 + 6 * col + dc
         images[i, max(r0, 0) : r0 + 6, max(c0, 0) : c0 + 5] += rng.uniform(40, 100)
     return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "train_mnist.py"
+SMALL = ["--device", "cpu", "--hidden", "32", "--epochs", "2", "--batch-size", "64", "--lr", "0.3"]
+SMALL += ["--eval-every", "10", "--no-progress"]
+
+
+def run_script(*args, env=None, timeout=120, command=None, **kwargs) -> subprocess.CompletedProcess:
+    """``scripts/train_mnist.py ARGS`` (or ``command``) in a subprocess from the repository root, without
+    $GPUNN_DATA_DIR unless ``env`` sets it."""
+    full_env = {k: v for k, v in os.environ.items() if k != "GPUNN_DATA_DIR"}
+    full_env.update(env or {})
+    command = command or [sys.executable, str(SCRIPT)]
+    return subprocess.run(
+        [*command, *map(os.fsdecode, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=kwargs.pop("cwd", ROOT),
+        **kwargs,
+    )
+
+
+def assert_one_line_error(result, code, *phrases, prog="train_mnist.py"):
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]

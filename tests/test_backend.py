@@ -22,8 +22,9 @@ def fresh_backend(monkeypatch):
     return monkeypatch
 
 
-def fake_cupy(device_count=None, runtime_error=None):
-    """A stand-in module for `cupy` whose runtime reports ``device_count`` GPUs or raises."""
+def fake_cupy(device_count=None, runtime_error=None, runtime_version=12090):
+    """A stand-in module for `cupy` (built for CUDA ``runtime_version``) whose runtime reports
+    ``device_count`` GPUs or raises."""
 
     class CUDARuntimeError(RuntimeError):
         pass
@@ -35,8 +36,21 @@ def fake_cupy(device_count=None, runtime_error=None):
 
     module = types.ModuleType("cupy")
     module.ndarray = type("ndarray", (), {})
-    module.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_device_count))
+    runtime = types.SimpleNamespace(
+        getDeviceCount=get_device_count, runtimeGetVersion=lambda: runtime_version
+    )
+    module.cuda = types.SimpleNamespace(runtime=runtime)
     return module
+
+
+@pytest.fixture
+def driver(monkeypatch):
+    """Set the NVIDIA driver this machine seems to have: driver(None) for none, driver(12020) ..."""
+
+    def set_driver(version):
+        monkeypatch.setattr(backend, "driver_version", lambda: version)
+
+    return set_driver
 
 
 def test_cpu_is_numpy():
@@ -54,16 +68,41 @@ def test_unknown_spec_is_refused(spec):
 
 
 def test_cuda_without_cupy_names_the_extra(fresh_backend):
-    fresh_backend.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    fresh_backend.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ModuleNotFoundError
     with pytest.raises(gpunn.DeviceError) as info:
         gpunn.get_device("cuda")
     message = str(info.value)
-    assert "cannot be imported" in message and "gpunn[cuda12]" in message and "gpunn[cuda13]" in message
+    assert (
+        "CuPy, which is not installed" in message
+        and "gpunn[cuda12]" in message
+        and "gpunn[cuda13]" in message
+    )
 
 
-def test_auto_without_cupy_falls_back_once(fresh_backend):
+def test_a_broken_cupy_keeps_its_reason(fresh_backend):
+    broken = types.ModuleType("cupy")
+    fresh_backend.setitem(sys.modules, "cupy", broken)
+    fresh_backend.setattr(
+        backend, "_cupy_import_error", "ImportError: libnvrtc.so.12: cannot open shared object"
+    )
+    with pytest.raises(gpunn.DeviceError, match=r"cannot be imported .*libnvrtc"):
+        gpunn.get_device("cuda")
+
+
+def test_auto_on_a_cpu_install_says_nothing(fresh_backend):
+    """A user who installed gpunn without CuPy never asked for a GPU: no notice, every time."""
     fresh_backend.setitem(sys.modules, "cupy", None)
-    with pytest.warns(gpunn.DeviceFallbackWarning, match="running on the CPU"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gpunn.get_device("auto") == gpunn.get_device("cpu")
+
+
+def test_auto_with_cupy_but_no_gpu_falls_back_once(fresh_backend, driver):
+    driver(None)
+    fresh_backend.setitem(sys.modules, "cupy", fake_cupy(runtime_error="cudaErrorInsufficientDriver"))
+    with pytest.warns(
+        gpunn.DeviceFallbackWarning, match="running on the CPU: .*no NVIDIA driver is installed"
+    ):
         assert gpunn.get_device("auto") == gpunn.get_device("cpu")
     with pytest.warns() as later:  # no second notice in the same process
         assert gpunn.get_device("auto").name == "cpu"
@@ -71,11 +110,24 @@ def test_auto_without_cupy_falls_back_once(fresh_backend):
     assert [str(w.message) for w in later] == ["sentinel"]
 
 
-def test_cuda_keeps_the_runtime_reason(fresh_backend):
+def test_a_driver_too_old_for_cupy_is_named(fresh_backend, driver):
+    """CUDA says "insufficient driver" both where there is none and where it is old: tell them apart."""
+    driver(12020)
+    fresh_backend.setitem(
+        sys.modules, "cupy", fake_cupy(runtime_error="cudaErrorInsufficientDriver", runtime_version=13000)
+    )
+    with pytest.raises(
+        gpunn.DeviceError, match=r"driver supports CUDA 12\.2 but this CuPy needs CUDA 13\.0: update"
+    ):
+        gpunn.get_device("cuda")
+
+
+def test_cuda_keeps_the_runtime_reason(fresh_backend, driver):
+    driver(12090)
     fresh_backend.setitem(
         sys.modules, "cupy", fake_cupy(runtime_error="cudaErrorNoDevice: no CUDA-capable device")
     )
-    with pytest.raises(gpunn.DeviceError, match="cudaErrorNoDevice: no CUDA-capable device"):
+    with pytest.raises(gpunn.DeviceError, match=r"sees no GPU .*cudaErrorNoDevice: no CUDA-capable device"):
         gpunn.get_device("cuda")
 
 
@@ -87,10 +139,9 @@ def test_cuda_index_beyond_count(fresh_backend):
         gpunn.get_device("cuda:5")
 
 
-def test_auto_with_broken_driver_notes_the_reason(fresh_backend):
-    fresh_backend.setitem(sys.modules, "cupy", fake_cupy(runtime_error="cudaErrorInsufficientDriver"))
-    with pytest.warns(gpunn.DeviceFallbackWarning, match="cudaErrorInsufficientDriver"):
-        assert gpunn.get_device("auto").name == "cpu"
+def test_driver_version_reads_libcuda_or_says_none():
+    version = backend.driver_version()  # no driver on CI machines; a GPU host's driver elsewhere
+    assert version is None or version >= 10000
 
 
 def test_host_arrays_are_not_device_arrays():

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -14,48 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import write_idx
+from helpers import ROOT, SCRIPT, SMALL, assert_one_line_error, run_script, write_idx
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "train_mnist.py"
-SMALL = [
-    "--device",
-    "cpu",
-    "--hidden",
-    "32",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "64",
-    "--lr",
-    "0.3",
-    "--eval-every",
-    "10",
-    "--no-progress",
-]
+run = run_script
+
 RECORD_KEYS = {"iteration", "epoch", "train_loss", "train_error", "val_loss", "val_error", "lr", "time_s"}
-
-
-def run(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("GPUNN_DATA_DIR", None) if env is None or "GPUNN_DATA_DIR" not in env else None
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
-def assert_one_line_error(result, code, *phrases):
-    assert result.returncode == code, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr
-    assert len(lines) == 1 and lines[0].startswith("train_mnist.py: error: "), result.stderr
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
 
 
 @pytest.fixture
@@ -202,14 +165,13 @@ def test_cuda_without_a_gpu(data, tmp_path):
     assert "CuPy" in result.stderr and ("gpunn[cuda12]" in result.stderr or "GPU" in result.stderr)
 
 
-def test_auto_without_a_gpu_says_so_once(data, tmp_path):
+def test_auto_on_a_cpu_install_trains_without_a_notice(data, tmp_path):
+    """A user who never installed CuPy never asked for a GPU: --device auto says nothing about one."""
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed here; test_backend.py covers its notices")
     result = run(*SMALL, "--epochs", "1", "--device", "auto", "--data-dir", data, "--out", tmp_path / "o")
-    if "notice" not in result.stderr:
-        pytest.skip("a GPU answered here, so auto did not fall back")
-    assert result.returncode == 0
-    assert [line for line in result.stderr.splitlines() if "notice" in line] == [
-        line for line in result.stderr.splitlines() if "no usable GPU, running on the CPU" in line
-    ]
+    assert result.returncode == 0, result.stderr
+    assert "notice" not in result.stderr and "GPU" not in result.stderr and "CuPy" not in result.stderr
 
 
 def test_unwritable_out(data, tmp_path):
@@ -275,11 +237,14 @@ def test_interrupt_then_resume_ends_like_an_uninterrupted_run(data, tmp_path, si
     proc.send_signal(sig)
     _stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, stderr
-    assert "Traceback" not in stderr and f"--out {out} --resume" in stderr
+    assert "Traceback" not in stderr
+    printed = stderr.strip().splitlines()[-1].partition("Resume with: ")[2]
+    assert printed == f"python scripts/train_mnist.py --out {out} --resume", stderr
     stopped = [json.loads(line) for line in metrics.read_text().splitlines()][-1]["iteration"]
     assert 30 <= stopped < 228
 
-    resumed = run(*long, "--out", out, "--resume")
+    # the printed command, exactly: the data folder, the device and the recipe come from the run
+    resumed = run_script(command=[sys.executable, *printed.split()[1:]])
     assert resumed.returncode == 0, resumed.stderr
     ours = [json.loads(line) for line in metrics.read_text().splitlines()]
     theirs = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
@@ -299,3 +264,68 @@ def test_resume_refuses_a_changed_recipe(data, tmp_path):
     assert_one_line_error(result, 2, "--lr 0.1 (the run has 0.3)")
     done = run("--data-dir", data, "--out", out, "--resume", "--device", "cpu", "--no-progress")
     assert done.returncode == 0 and "validation error" in done.stdout
+
+
+def test_a_finished_run_continues_to_more_epochs(data, tmp_path):
+    out = tmp_path / "run"
+    assert run(*SMALL, "--epochs", "1", "--data-dir", data, "--out", out).returncode == 0
+    more = run("--out", out, "--resume", "--epochs", "3")  # data, device and recipe as recorded
+    assert more.returncode == 0, more.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["iteration"] == 57 and records[-1]["epoch"] == 3.0
+    assert_one_line_error(
+        run("--out", out, "--resume", "--epochs", "2"), 2, "--epochs 2 is fewer than the run's 3"
+    )
+    cosine = tmp_path / "cosine"
+    assert (
+        run(
+            *SMALL, "--epochs", "1", "--lr-schedule", "cosine", "--data-dir", data, "--out", cosine
+        ).returncode
+        == 0
+    )
+    assert_one_line_error(
+        run("--out", cosine, "--resume", "--epochs", "2"), 2, "cosine schedule cannot get more epochs"
+    )
+
+
+def test_eval_only_takes_a_run_folder_and_refuses_what_it_would_ignore(data, tmp_path):
+    out = tmp_path / "run"
+    assert run(*SMALL, "--epochs", "1", "--data-dir", data, "--out", out).returncode == 0
+    by_folder = run("--eval-only", out, "--device", "cpu")  # the run's data folder, from its checkpoint
+    assert by_folder.returncode == 0, by_folder.stderr
+    assert "(iteration 19): validation cost" in by_folder.stdout
+    assert_one_line_error(
+        run("--eval-only", out, "--hidden", "64", "--lr", "0.1"),
+        2,
+        "--eval-only evaluates the saved network",
+        "--hidden, --lr",
+    )
+
+
+def test_the_console_command(data, tmp_path):
+    gpunn = [sys.executable, "-m", "gpunn"]  # what the installed `gpunn` script runs
+    usage = run_script("train", "--help", command=gpunn)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: gpunn train ")
+    out = tmp_path / "run"
+    trained = run_script("train", *SMALL, "--epochs", "1", "--data-dir", data, "--out", out, command=gpunn)
+    assert trained.returncode == 0, trained.stderr
+    evaluated = run_script("eval", out, "--device", "cpu", command=gpunn)
+    assert evaluated.returncode == 0 and "misclassification" in evaluated.stdout, evaluated.stderr
+    assert_one_line_error(run_script("fly", command=gpunn), 2, "unknown command 'fly'", prog="gpunn")
+    assert run_script("--help", command=gpunn).stdout.startswith("usage: gpunn {train,eval,export}")
+    missing = run_script("eval", tmp_path / "nothing", command=gpunn)
+    assert_one_line_error(missing, 1, "no model at", prog="gpunn eval")
+
+
+def test_config_and_figure_name_the_data_set(data, tmp_path):
+    out = tmp_path / "run"
+    named = run(
+        *SMALL, "--epochs", "1", "--dataset", "mnist", "--out", out, env={"GPUNN_DATA_DIR": str(data)}
+    )
+    assert named.returncode == 0, named.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert (config["dataset"], config["title"]) == ("mnist", "MNIST") and ": MNIST, 1 epochs" in named.stdout
+    other = tmp_path / "other"
+    assert run(*SMALL, "--epochs", "1", "--data-dir", data, "--out", other).returncode == 0
+    config = json.loads((other / "config.json").read_text())
+    assert config["dataset"] is None and config["title"] == f"IDX data in {data.name}"

@@ -173,16 +173,18 @@ def test_script_runs_quick_end_to_end(script, digits_dir, tmp_path):
     for name in files:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
         assert name.endswith(".md") or is_png(out / name), name
+        assert name in result.stdout and str(out) in result.stdout, "the script says where it wrote"
     if script == "reproduce_book.py":
         table = (out / "results.md").read_text()
         assert "784-10" in table and "784-200-10" in table and "≈ 2 %" in table
 
 
-def test_xor_on_auto_device_falls_back_with_a_notice(tmp_path):
+def test_xor_on_auto_device_trains_and_says_where_it_wrote(tmp_path):
     result = run("xor.py", "--quick", "--device", "auto", "--out", tmp_path)
     assert result.returncode == 0, result.stderr
-    for line in result.stderr.strip().splitlines():
+    for line in result.stderr.strip().splitlines():  # at most a notice about the GPU (where CuPy is)
         assert line.startswith("xor.py: notice: "), result.stderr
+    assert f"xor.py: wrote {tmp_path / 'xor_feature_space.png'}" in result.stdout
 
 
 @pytest.mark.parametrize("script", list(QUICK))
