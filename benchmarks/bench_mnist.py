@@ -1,23 +1,28 @@
-"""Example 6.2 with gpunn and with PyTorch on identical float32 work, timed side by side.
+"""Example 6.2 with gpunn and with its peers on identical float32 work, timed side by side.
 
-    python benchmarks/bench_mnist.py --device cpu --data-dir ../shared/data/mnist --json bench-cpu.json
-    python benchmarks/bench_mnist.py --device cuda --data-dir DIR --json bench-cuda.json
+    python benchmarks/bench_mnist.py --device cpu --data-dir DIR --json benchmarks/results/cpu.json
+    python benchmarks/bench_mnist.py --device cuda --data-dir DIR --json benchmarks/results/cuda.json
+    python benchmarks/bench_mnist.py --table benchmarks/results/cpu.json     # the markdown tables of a run
 
 The work is the lecture's recipe — 784-200-10 ReLU and 784→10, SGD γ = 0.5, n_b = 100, the real MNIST,
-the whole validation set every 100 iterations — and it is identical for both frameworks: the same
-initial weights (gpunn's, copied into PyTorch), the same per-epoch permutations (gpunn.data.epoch_order),
+the whole validation set evaluated every 100 iterations — and it is identical for every contestant:
+the same initial weights (gpunn's, copied in), the same per-epoch permutations (gpunn.data.epoch_order),
 the same evaluation points and chunking, the same per-iteration records (mini-batch cost and
-misclassification, kept on the device), float32, TF32 off on both.
+misclassification, kept on the device), the uint8 pixels converted per mini-batch inside each
+contestant, float32, TF32 off. The peers: PyTorch eager, PyTorch with the whole step as one
+``torch.compile(fullgraph=True)`` graph, JAX with the whole step under ``jax.jit``, and JAX with
+``jax.lax.scan`` over the 100 steps between evaluations (benchmarks/peers.py).
 
-How the figures are made honest: one warm-up epoch of each before any timing; the device is
-synchronised before and after every timed epoch; each framework runs whole epochs (never interleaved
-steps, so two BLAS/OpenMP thread pools never spin against each other), the two alternating epoch by
-epoch with a pause between blocks; every run starts from the same initial weights; medians over
-``--repeats`` runs. The epoch ratio is the median over all epochs of gpunn's epoch time divided by
-the PyTorch epoch timed right after it: a shared machine's speed drifts by a factor of two over
-minutes, and neighbouring epochs see the same machine. One-time costs (import, data upload, the first
-epoch's extra time, which on a GPU includes kernel compilation) are reported apart from the steady
-state.
+How the figures are made honest: one warm-up epoch of each before any timing (compilation happens
+there, reported apart); the device is synchronised before and after every timed epoch; each contestant
+runs whole epochs (never interleaved steps, so thread pools never spin against each other), all of them
+alternating epoch by epoch, the order reversed every run, with a pause between (on the CPU); every run
+starts from the same initial weights; medians over ``--repeats`` runs. Each timed epoch records the CPU
+seconds other processes used meanwhile (benchmarks/cpuload.py): an epoch is *quiet* when they used
+under 5 % of one core, and a *round* (one epoch of every contestant) is quiet when all its epochs are.
+The headline ratios pair each gpunn epoch with each peer's epoch of the same round, quiet rounds only,
+and take the median. ``--load N`` then repeats the runs with N cores kept busy by other processes and
+reports each contestant's loaded/quiet epoch ratio.
 """
 
 from __future__ import annotations
@@ -37,14 +42,20 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cpuload import BackgroundLoad, OtherProcessesCPU
+from peers import JaxJitRun, JaxScanRun, TorchCompiledRun
 
 import gpunn
+from gpunn.commands import HelpFormatter
 from gpunn.data import PIXEL_SCALE, DeviceDataset, epoch_order, load_idx_dataset, resolve_data_dir
 from gpunn.engines import EVAL_CHUNK, make_engine
 from gpunn.model import init_theta, param_views
 
 MODELS = {"784-200-10": [200], "784-10": []}
-PAUSE_S = 0.2  # between blocks, so the other framework's idle threads stop spinning before timing
+PAUSE_S = 0.2  # between epochs on the CPU, so the last contestant's idle threads stop spinning
+QUIET = 0.05  # an epoch is quiet when other processes used under this share of one core meanwhile
 
 
 def matmul_flops(hidden, n_train=60000, n_val=10000, batch=100, epochs=15, eval_every=100) -> float:
@@ -124,6 +135,7 @@ class TorchRun:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.set_float32_matmul_precision("highest")
+        self.device = device
         self.dev = torch.device("cpu" if not device.is_cuda else f"cuda:{device.index}")
         self.hidden, self.seed = hidden, seed
         self.iterations = max(1, epochs) * -(-train.X.shape[0] // 100)
@@ -199,51 +211,91 @@ class TorchRun:
 # --- measuring -----------------------------------------------------------------------------------
 
 
-def timed_epoch(run, e) -> float:
+def timed_epoch(run, e) -> tuple[float, float | None]:
+    """(seconds, CPU seconds other processes used meanwhile) of epoch ``e`` of ``run``."""
     run.sync()
+    meter = OtherProcessesCPU().start()
     t0 = time.perf_counter()
     run.epoch(e)
     run.sync()
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    return seconds, meter.stop()
 
 
-def measure_model(runs, epochs, repeats, log):
-    """Warm-up, then ``repeats`` fresh runs of ``epochs`` epochs, the contestants alternating epochs."""
-    first = {}
+def quiet(others: float | None, seconds: float) -> bool:
+    return others is not None and others < QUIET * seconds
+
+
+def measure_phase(runs, epochs, repeats, log, label):
+    """``repeats`` fresh runs of ``epochs`` epochs, the contestants alternating epoch by epoch:
+    {name: {"epoch_s": [...], "others_cpu_s": [...], "run_s": [...]}} plus the quiet rounds."""
     pause = 0.0 if runs[0].device.is_cuda else PAUSE_S  # idle CPU thread pools are a CPU matter
-    for run in runs:  # warm-up: one epoch each, then start again from the initial weights
-        first[run.name] = timed_epoch(run, 0)
-        run.reset()
-        time.sleep(pause)
-    epoch_times = {run.name: [] for run in runs}
-    run_times = {run.name: [] for run in runs}
+    out = {run.name: {"epoch_s": [], "others_cpu_s": [], "run_s": []} for run in runs}
+    rounds_quiet = []
     for rep in range(repeats):
         order = runs if rep % 2 == 0 else runs[::-1]  # who goes first alternates, against drift
         for run in order:
             run.reset()
         for e in range(epochs):
+            calm = True
             for run in order:
-                epoch_times[run.name].append(timed_epoch(run, e))
+                seconds, others = timed_epoch(run, e)
+                out[run.name]["epoch_s"].append(seconds)
+                out[run.name]["others_cpu_s"].append(others)
+                calm = calm and quiet(others, seconds)
                 time.sleep(pause)
+            rounds_quiet.append(calm)
         for run in runs:
-            run_times[run.name].append(sum(epoch_times[run.name][-epochs:]))
-        times = ", ".join(f"{r.name} {run_times[r.name][-1]:.2f} s" for r in runs)
-        log(f"  run {rep + 1}/{repeats}: {times}")
+            out[run.name]["run_s"].append(sum(out[run.name]["epoch_s"][-epochs:]))
+        times = ", ".join(f"{r.name} {out[r.name]['run_s'][-1]:.2f} s" for r in runs)
+        log(f"  {label} run {rep + 1}/{repeats}: {times}")
+    return out, rounds_quiet
+
+
+def measure_model(runs, epochs, repeats, log, load=0):
+    """Warm-up, the quiet phase (and with ``load`` a phase beside N busy cores): every figure."""
+    first = {}
+    for run in runs:  # warm-up: one epoch each (compilation included), then the initial weights again
+        first[run.name] = timed_epoch(run, 0)[0]
+        run.reset()
+        time.sleep(0.0 if run.device.is_cuda else PAUSE_S)
+    phase, rounds_quiet = measure_phase(runs, epochs, repeats, log, "quiet")
+    loaded = None
+    if load:
+        with BackgroundLoad(load):
+            loaded, _ = measure_phase(runs, epochs, max(1, repeats // 2), log, f"{load} busy core(s)")
     out = {}
     for run in runs:
-        med_epoch = statistics.median(epoch_times[run.name])
-        out[run.name] = {
-            "median_epoch_s": med_epoch,
-            "median_run_s": statistics.median(run_times[run.name]),
-            "epoch_times_s": epoch_times[run.name],
-            "run_times_s": run_times[run.name],
-            "first_epoch_extra_s": first[run.name] - med_epoch,
+        times = phase[run.name]["epoch_s"]
+        calm = [t for t, q in zip(times, rounds_quiet) if q] or times
+        result = {
+            "median_epoch_s": statistics.median(calm),
+            "median_run_s": statistics.median(phase[run.name]["run_s"]),
+            "epoch_times_s": times,
+            "others_cpu_s": phase[run.name]["others_cpu_s"],
+            "quiet_rounds": rounds_quiet,
+            "run_times_s": phase[run.name]["run_s"],
+            "first_epoch_extra_s": first[run.name] - statistics.median(times),
             "upload_s": run.upload_s,
             "engine_build_s": getattr(run, "build_s", None),
             "final_val_error": run_val_error(run),
             "device_memory_bytes": run.memory(),
         }
+        if loaded is not None:
+            result["loaded_epoch_times_s"] = loaded[run.name]["epoch_s"]
+            result["loaded_over_quiet"] = (
+                statistics.median(loaded[run.name]["epoch_s"]) / result["median_epoch_s"]
+            )
+        out[run.name] = result
     return out
+
+
+def paired_ratio(ours: dict, theirs: dict) -> float | None:
+    """Median over quiet rounds of our epoch time / their epoch time in the same round."""
+    pairs = [
+        a / b for a, b, q in zip(ours["epoch_times_s"], theirs["epoch_times_s"], ours["quiet_rounds"]) if q
+    ]
+    return float(np.median(pairs)) if pairs else None
 
 
 def run_val_error(run):
@@ -308,6 +360,12 @@ def machine(device, torch_mod) -> dict:
     if torch_mod is not None:
         info["torch"] = torch_mod.__version__
         info["torch_threads"] = torch_mod.get_num_threads()
+    try:
+        import jax
+
+        info["jax"] = jax.__version__
+    except ImportError:
+        pass
     if device.is_cuda:
         info["cupy"] = device.xp.__version__
     return info
@@ -343,24 +401,32 @@ def _blas_threads():
 # --- main ----------------------------------------------------------------------------------------
 
 
+PEERS = {"pytorch": None, "pytorch-compiled": TorchCompiledRun, "jax-jit": JaxJitRun, "jax-scan": JaxScanRun}
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--data-dir", help="MNIST folder (default: $GPUNN_DATA_DIR, else the download cache)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per framework (median taken)")
+    p.add_argument("--data-dir", help="MNIST folder; default: $GPUNN_DATA_DIR, else the download cache")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per contestant (medians taken)")
     p.add_argument("--epochs", type=int, default=15, help="epochs per run (15 = the lecture's 9000 steps)")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="which models")
     p.add_argument(
         "--engines",
         nargs="+",
-        choices=["xp", "blas", "fused", "graph"],
-        help="gpunn engines to time (default: blas on the CPU; xp, fused and graph on CUDA)",
+        choices=["auto", "xp", "blas", "fused", "graph"],
+        default=["auto"],
+        help="gpunn engines to time",
     )
+    p.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS), help="peers to time")
+    p.add_argument("--load", type=int, default=0, help="also time every contestant beside N busy cores")
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    p.add_argument("--table", type=Path, metavar="JSON", help="print the tables of a saved run and stop")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 run of 1 epoch")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return 0
     if args.quick:
         args.repeats, args.epochs = 1, 1
     try:
@@ -374,7 +440,6 @@ def main(argv=None) -> int:
     except gpunn.GpunnError as exc:
         print(f"bench_mnist.py: error: {exc}", file=sys.stderr)
         return 1
-    engines = args.engines or (["xp", "fused", "graph"] if device.is_cuda else ["blas"])
 
     def log(text):
         print(text, file=sys.stderr, flush=True)
@@ -383,7 +448,14 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(device, torch),
-        "settings": {"repeats": args.repeats, "epochs": args.epochs, "tf32": False, "dtype": "float32"},
+        "settings": {
+            "repeats": args.repeats,
+            "epochs": args.epochs,
+            "tf32": False,
+            "dtype": "float32",
+            "quiet": f"others used < {QUIET:.0%} of one core during the epoch",
+            "load_cores": args.load,
+        },
         "import_s": {"gpunn": import_seconds("gpunn"), "pytorch": import_seconds("torch")},
         "sgemm_gflops": sgemm_rate(device, torch),
         "models": {},
@@ -392,20 +464,27 @@ def main(argv=None) -> int:
     for model in args.models:
         hidden = MODELS[model]
         log(f"{model} on {device.description()}: {args.repeats} runs × {args.epochs} epochs each")
-        peer = TorchRun(device, train, val, hidden, 0, args.epochs)
-        runs = [GpunnRun(device, train, val, hidden, 0, engine) for engine in engines] + [peer]
-        result = {"contestants": measure_model(runs, args.epochs, args.repeats, log)}
+        peers = []
+        for name in args.peers:
+            try:
+                make = PEERS[name] or TorchRun
+                peers.append(make(device, train, val, hidden, 0, args.epochs))
+            except ImportError as exc:
+                log(f"  {name} left out: {exc}")
+        ours = [GpunnRun(device, train, val, hidden, 0, engine) for engine in args.engines]
+        runs = ours + peers
+        result = {"contestants": measure_model(runs, args.epochs, args.repeats, log, args.load)}
         flops = matmul_flops(hidden, epochs=args.epochs)
         result["matmul_gflop_per_run"] = flops / 1e9
         result["sgemm_floor_s"] = flops / (best_sgemm * 1e9)
-        peer_times = result["contestants"][peer.name]
-        for run in runs[:-1]:
-            ours = result["contestants"][run.name]
-            ours["agreement_first_100_costs"] = agreement(run, peer)
-            paired = np.divide(ours["epoch_times_s"], peer_times["epoch_times_s"])
-            ours["epoch_ratio"] = float(np.median(paired))  # each epoch against its neighbour
-            ours["run_ratio"] = ours["median_run_s"] / peer_times["median_run_s"]
-            ours["run_over_sgemm_floor"] = ours["median_run_s"] / result["sgemm_floor_s"]
+        contestants = result["contestants"]
+        for run in ours:
+            mine = contestants[run.name]
+            mine["run_over_sgemm_floor"] = mine["median_run_s"] / result["sgemm_floor_s"]
+            mine["paired_ratio"], mine["agreement_first_100_costs"] = {}, {}
+            for peer in peers:
+                mine["paired_ratio"][peer.name] = paired_ratio(mine, contestants[peer.name])
+                mine["agreement_first_100_costs"][peer.name] = agreement(run, peer)
         report["models"][model] = result
     print(table(report))
     if args.json:
@@ -414,26 +493,34 @@ def main(argv=None) -> int:
 
 
 def table(report) -> str:
-    """The README's table: one row per model and gpunn engine, PyTorch measured in the same run."""
+    """The markdown tables of a run: per model, every contestant's epoch and run, and gpunn's paired
+    ratio to each peer (quiet rounds); with a load phase, loaded/quiet; then the one-time costs."""
     m, best = report["machine"], max(report["sgemm_gflops"].values())
+    settings = report["settings"]
     lines = [
-        f"{m['device']}: {m['cpu']}, {m['cpu_count']} cores, {m['blas']}, torch {m.get('torch')} "
-        f"({m.get('torch_threads')} threads); {report['settings']['repeats']} runs × "
-        f"{report['settings']['epochs']} epochs, medians; best sgemm {best:.0f} GFLOP/s",
-        "",
-        "| model | engine | gpunn epoch | PyTorch epoch | paired ratio | gpunn run | PyTorch run | ratio "
-        "| run / sgemm floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"{report['date'][:10]}, {m['device']}: {m['cpu']}, {m['cpu_count']} cores, {m['blas']}, "
+        f"torch {m.get('torch')}, jax {m.get('jax', '–')}; {settings['repeats']} runs × "
+        f"{settings['epochs']} epochs, medians of quiet rounds; best sgemm {best:.0f} GFLOP/s",
     ]
     for model, r in report["models"].items():
-        peer = r["contestants"]["pytorch"]
-        for name, g in r["contestants"].items():
-            if name == "pytorch":
-                continue
+        contestants = r["contestants"]
+        ours = [name for name in contestants if name.startswith("gpunn")]
+        loaded = any("loaded_over_quiet" in c for c in contestants.values())
+        header = "| contestant | epoch | run | " + " | ".join(f"{g} / it" for g in ours)
+        header += " | loaded / quiet |" if loaded else " |"
+        lines += ["", f"**{model}** (sgemm floor of a run: {r['sgemm_floor_s']:.2f} s)", "", header]
+        lines.append("|---" * (3 + len(ours) + loaded) + "|")
+        for name, c in contestants.items():
+            ratios = [contestants[g]["paired_ratio"].get(name) if name != g else None for g in ours]
+            cells = ["–" if x is None else f"**{x:.2f}**" for x in ratios]
+            row = f"| {name} | {c['median_epoch_s']:.3f} s | {c['median_run_s']:.2f} s | " + " | ".join(cells)
+            row += f" | {c['loaded_over_quiet']:.2f} |" if loaded else " |"
+            lines.append(row)
+        for g in ours:
+            quiet_rounds = sum(contestants[g]["quiet_rounds"])
             lines.append(
-                f"| {model} | {name} | {g['median_epoch_s']:.3f} s | {peer['median_epoch_s']:.3f} s "
-                f"| {g['epoch_ratio']:.2f} | {g['median_run_s']:.2f} s | {peer['median_run_s']:.2f} s "
-                f"| {g['run_ratio']:.2f} | {g['run_over_sgemm_floor']:.2f} × {r['sgemm_floor_s']:.2f} s |"
+                f"\n{g}: run {contestants[g]['run_over_sgemm_floor']:.2f} × the sgemm floor; "
+                f"{quiet_rounds} of {len(contestants[g]['quiet_rounds'])} rounds quiet"
             )
     imports = report["import_s"]
     lines += [
@@ -447,11 +534,12 @@ def table(report) -> str:
                 parts.append(f"engine built in {c['engine_build_s']:.2f} s")
             parts.append(f"first epoch {c['first_epoch_extra_s']:+.3f} s over the median")
             parts.append(f"final validation error {100 * c['final_val_error']:.2f} %")
-            if c.get("agreement_first_100_costs") is not None:
-                parts.append(f"first 100 costs within {c['agreement_first_100_costs']:.1e} of PyTorch's")
+            for peer, gap in (c.get("agreement_first_100_costs") or {}).items():
+                if peer == "pytorch":
+                    parts.append(f"first 100 costs within {gap:.1e} of PyTorch's")
             if c["device_memory_bytes"]:
                 parts.append(f"device memory {c['device_memory_bytes'] / 2**20:.0f} MiB")
-            lines.append(f"  {model} {name}: " + ", ".join(parts))
+            lines.append(f"- {model} {name}: " + ", ".join(parts))
     return "\n".join(lines)
 
 

@@ -39,12 +39,8 @@ import time
 import numpy as np
 
 from gpunn.data import epoch_order
+from gpunn.engines import EVAL_CHUNK
 from gpunn.model import init_theta, param_views
-
-try:
-    from gpunn.engines import EVAL_CHUNK
-except ImportError:  # gpunn before its engines package
-    from gpunn.train import EVAL_CHUNK
 
 BATCH = 100  # n_b of Example 6.2
 LR = 0.5  # γ

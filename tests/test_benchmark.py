@@ -27,6 +27,8 @@ def test_benchmark_quick_mode(mnist_dir, tmp_path):
         "--quick",
         "--models",
         "784-10",
+        "--peers",
+        "pytorch",
         "--device",
         "cpu",
         "--data-dir",
@@ -40,7 +42,19 @@ def test_benchmark_quick_mode(mnist_dir, tmp_path):
     model = report["models"]["784-10"]
     assert set(model["contestants"]) == {"gpunn-blas", "pytorch"}  # the CPU engine by default
     gpunn = model["contestants"]["gpunn-blas"]
-    assert gpunn["median_epoch_s"] > 0 and gpunn["epoch_ratio"] > 0
-    assert gpunn["agreement_first_100_costs"] < 1e-4  # the two did the same work
+    assert gpunn["median_epoch_s"] > 0 and len(gpunn["others_cpu_s"]) == len(gpunn["epoch_times_s"]) == 1
+    assert set(gpunn["paired_ratio"]) == {"pytorch"}
+    assert gpunn["agreement_first_100_costs"]["pytorch"] < 1e-4  # the two did the same work
     assert abs(gpunn["final_val_error"] - model["contestants"]["pytorch"]["final_val_error"]) < 0.005
-    assert "| 784-10 | gpunn-blas |" in result.stdout
+    assert "| gpunn-blas | " in result.stdout and "| pytorch | " in result.stdout
+    again = subprocess.run([*command[:2], "--table", str(out)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "| pytorch | " in again.stdout  # the tables from the JSON alone
+
+
+def test_benchmark_help_shows_only_real_defaults():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_mnist.py"), "--help"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and "(default: None)" not in result.stdout
