@@ -55,7 +55,7 @@ from gpunn.model import init_theta, param_views
 
 MODELS = {"784-200-10": [200], "784-10": []}
 PAUSE_S = 0.2  # between epochs on the CPU, so the last contestant's idle threads stop spinning
-QUIET = 0.05  # an epoch is quiet when other processes used under this share of one core meanwhile
+QUIET = 0.25  # an epoch is quiet when other processes used under this share of one core meanwhile
 
 
 def matmul_flops(hidden, n_train=60000, n_val=10000, batch=100, epochs=15, eval_every=100) -> float:

@@ -11,6 +11,10 @@ use, with every argument converted once: the CPU engine (engines/blas.py) is bui
 Where no BLAS is found, for other layouts, or for CuPy arrays, the same call runs NumPy's/CuPy's
 matmul instead, and ``available()`` tells which.
 
+CPU kernels: ``cpu_kernels(dtype, input_dtype)`` loads engines/kernels.cu compiled for the CPU (the
+optional extension modules the package's build makes), typed, for the CPU engine; ``prepare`` binds a
+call's arguments once, as ``gemm`` does.
+
 CUDA: ``CublasGemm`` calls cuBLAS's own cublas<t>gemm_v2 on CuPy's handle, the one product that may
 run while a stream is being captured into a CUDA graph (CuPy's matmul and its cuBLAS binding refuse).
 
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import os
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -177,6 +183,151 @@ def gemm(A, B, C, alpha: float = 1.0, beta: float = 0.0) -> Callable[[], None]:
 
     call.arrays = (A, B, C)
     return call
+
+
+# --- the CPU kernels ---------------------------------------------------------------------------------
+
+_CPU_MODULES = {  # (float type, stored input type) -> the extension module setup.py builds
+    (numpy.dtype(numpy.float32), numpy.dtype(numpy.uint8)): "_cpu_float_uint8",
+    (numpy.dtype(numpy.float64), numpy.dtype(numpy.uint8)): "_cpu_double_uint8",
+    (numpy.dtype(numpy.float32), numpy.dtype(numpy.float32)): "_cpu_float_float32",
+    (numpy.dtype(numpy.float64), numpy.dtype(numpy.float64)): "_cpu_double_float64",
+}
+_CPU_SIGNATURES = {  # C parameter lists of the kernels the CPU engine calls (R: REAL, P: pointer)
+    "gather_rows": "PPPiiPiPPi",
+    "activation_rows": "Piiii",
+    "activation_slope": "PPiiii",
+    "loss_rows": "PPPPiiiRPPP",
+    "sum_rows": "PPidP",
+}
+_cpu_kernels: dict = {}
+
+
+def cpu_kernels(dtype, input_dtype):
+    """engines/kernels.cu compiled for the CPU for this float type and stored input type: a namespace
+    of typed ctypes functions (``.gather_rows``, ``.loss_rows``, …), or None where the package was
+    built without them (no C++ compiler) or for another pairing. Loaded and checked once."""
+    key = (numpy.dtype(dtype), numpy.dtype(input_dtype))
+    if key not in _cpu_kernels:
+        _cpu_kernels[key] = _load_cpu_kernels(*key)
+    return _cpu_kernels[key]
+
+
+def _load_cpu_kernels(dtype, input_dtype):
+    name = _CPU_MODULES.get((dtype, input_dtype))
+    if name is None:
+        return None
+    try:
+        module = importlib.import_module(f"gpunn.engines.{name}")
+        library = ctypes.CDLL(module.__file__)
+    except (ImportError, OSError):
+        return None
+    real = ctypes.c_float if dtype == numpy.float32 else ctypes.c_double
+    kinds = {"P": ctypes.c_void_p, "i": ctypes.c_int, "d": ctypes.c_double, "R": real}
+    functions = {}
+    for function, params in _CPU_SIGNATURES.items():
+        f = getattr(library, function)
+        f.argtypes, f.restype = [kinds[k] for k in params], None
+        functions[function] = f
+    return type(name, (), {**functions, "input_dtype": input_dtype})
+
+
+def prepare(function, *args) -> Callable[[], None]:
+    """``function(*args)`` with every argument converted once (NumPy arrays as their address, None as
+    a null pointer; a ctypes value is passed as it is, so that setting its ``.value`` changes the next
+    call's argument): a call of no arguments, about 1 µs. ``function`` must have its argtypes; the
+    arrays must stay where they are (the call keeps them alive)."""
+    values = [a.ctypes.data if isinstance(a, numpy.ndarray) else a for a in args]
+    converted = (
+        v if isinstance(v, ctypes._SimpleCData) else kind(v) for kind, v in zip(function.argtypes, values)
+    )
+    call = functools.partial(function, *converted)
+    call.arrays = args
+    return call
+
+
+# --- BLAS threads --------------------------------------------------------------------------------
+
+
+class BlasThreads:
+    """How many threads NumPy's BLAS uses for the CPU engine, chosen by measuring, so that a busy
+    machine costs time in proportion rather than a collapse.
+
+    OpenBLAS's threads spin while they wait for work. On a quiet machine all cores make the products
+    fastest; when another process takes a core, a BLAS thread that gets descheduled holds up every
+    product for a time slice and an epoch took three to four times as long, where one thread takes
+    less than twice. The engine passes each iteration's duration to ``record`` (what happens between
+    iterations, an evaluation, does not count); after every BLOCK of them the mean is kept for the
+    current thread count (the mean, not the median: the cost is in the rare iterations that wait), and
+    now and then the other count (all cores, or one) is tried for a block and the faster kept. A trial
+    that loses waits twice as long before the next (up to MAX_INTERVAL blocks), one that wins resets
+    the wait, and a block much slower than the other count's last is tried against it at once.
+
+    Where the user chose (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, or GPUNN_BLAS_THREADS=N), or BLAS has
+    one thread anyway, nothing changes. OpenBLAS sums some products in an order that depends on its
+    thread count, so on a busy machine the last bits of a run can depend on the load: fix the count
+    with one of those variables for runs that repeat bit for bit."""
+
+    BLOCK = 24
+    FIRST_INTERVAL, MAX_INTERVAL = 8, 64
+    SLOWER = 1.3  # a block this much slower than the other count's last estimate tries it at once
+
+    def __init__(self):
+        self.controllers, self.most = _blas_controllers()
+        self.adaptive = self.most > 1 and not any(
+            os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GPUNN_BLAS_THREADS")
+        )
+        fixed = os.environ.get("GPUNN_BLAS_THREADS", "")
+        if fixed.isdigit() and int(fixed) > 0:
+            self._set(int(fixed))
+        self.current = self.most
+        self.estimates: dict[int, float] = {}
+        self.times: list[float] = []
+        self.trial_of = None  # the count a trial left, while one runs
+        self.interval, self.blocks = self.FIRST_INTERVAL, 0
+
+    def record(self, seconds: float) -> None:
+        """One more iteration took ``seconds``."""
+        if not self.adaptive:
+            return
+        self.times.append(seconds)
+        if len(self.times) == self.BLOCK:
+            self._decide(statistics.fmean(self.times))
+            self.times.clear()
+
+    def _decide(self, block: float) -> None:
+        current = self.current
+        other = 1 if current == self.most else self.most
+        self.estimates[current] = block
+        self.blocks += 1
+        if self.trial_of is not None:  # a trial ends: keep the faster
+            won = block < self.estimates[self.trial_of]
+            self.interval = self.FIRST_INTERVAL if won else min(2 * self.interval, self.MAX_INTERVAL)
+            if not won:
+                self._set(self.trial_of)
+            self.trial_of, self.blocks = None, 0
+        elif (
+            other not in self.estimates
+            or self.blocks >= self.interval
+            or block > self.SLOWER * self.estimates[other]
+        ):
+            self.trial_of = current
+            self._set(other)
+
+    def _set(self, threads: int) -> None:
+        for controller in self.controllers:
+            controller.set_num_threads(threads)
+        self.current = threads
+
+
+def _blas_controllers():
+    """(threadpoolctl's controllers of the BLAS libraries loaded, their thread count)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return [], 1
+    controllers = ThreadpoolController().select(user_api="blas").lib_controllers
+    return controllers, max((c.num_threads for c in controllers), default=1)
 
 
 # --- cuBLAS --------------------------------------------------------------------------------------

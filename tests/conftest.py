@@ -88,6 +88,10 @@ def engine_factory(emulated_kernels):
                 gemm = EmulatedGemm()
                 graphs = RecordingGraphs(emulated_kernels, gemm)
                 return graph.GraphEngine(net, optimizer, data, comm, emulated_kernels, gemm, graphs)
+            if name == "blas-numpy":  # the CPU engine as it runs where the kernels were not built
+                return type("NumpyBlas", (REGISTRY["blas"],), {"use_kernels": False})(
+                    net, optimizer, data, comm
+                )
             return REGISTRY[name](net, optimizer, data, comm)
 
         return make

@@ -20,7 +20,7 @@ from gpunn.engines.reference import XpEngine
 from gpunn.optim import make_optimizer
 
 CPU = gpunn.get_device("cpu")
-FAST = [name for name in REGISTRY if name != "xp"]
+FAST = [name for name in REGISTRY if name != "xp"] + ["blas-numpy"]
 SIZES = {"classification": [12, 8, 4], "regression": [12, 8, 3], "binary": [12, 8, 1]}
 OPTIMIZERS = {
     "sgd": {"optimizer": "sgd", "lr": 0.3},

@@ -75,3 +75,52 @@ def test_beta_other_than_zero_or_one_is_refused(rng):
     A = rng.standard_normal((2, 2))
     with pytest.raises(ValueError, match="beta must be 0 or 1"):
         native.gemm(A, A, A.copy(), 1.0, 0.5)
+
+
+class FakeController:
+    def __init__(self, threads):
+        self.num_threads = threads
+        self.history = []
+
+    def set_num_threads(self, n):
+        self.num_threads = n
+        self.history.append(n)
+
+
+@pytest.fixture
+def blas_threads(monkeypatch):
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GPUNN_BLAS_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    controller = FakeController(2)
+    monkeypatch.setattr(native, "_blas_controllers", lambda: ([controller], 2))
+    return controller
+
+
+def feed(threads, cost, blocks):
+    """``blocks`` blocks of iterations, each lasting cost[thread count] seconds."""
+    for _ in range(blocks * threads.BLOCK):
+        threads.record(cost[threads.current])
+
+
+def test_blas_threads_follow_the_load(blas_threads):
+    threads = native.BlasThreads()
+    quiet, busy = {2: 0.6e-3, 1: 1.0e-3}, {2: 3.0e-3, 1: 1.1e-3}
+    feed(threads, quiet, 30)
+    assert threads.current == 2 and blas_threads.history[:2] == [1, 2]  # one trial of a single thread, lost
+    feed(threads, busy, 2)  # another process takes a core: a block far slower than one thread's last
+    assert threads.current == 1
+    feed(threads, busy, 200)
+    assert threads.current == 1 and threads.interval == threads.MAX_INTERVAL  # trials back off
+    feed(threads, quiet, threads.MAX_INTERVAL + 1)  # quiet again: the next trial of all cores wins
+    assert threads.current == 2 and threads.interval < threads.MAX_INTERVAL
+    at_one = blas_threads.history.count(1)
+    feed(threads, quiet, 30)
+    assert threads.current == 2 and blas_threads.history.count(1) <= at_one + 2  # trials of one thread lose
+
+
+@pytest.mark.parametrize("variable", ["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GPUNN_BLAS_THREADS"])
+def test_blas_threads_leave_a_users_choice_alone(blas_threads, monkeypatch, variable):
+    monkeypatch.setenv(variable, "2")
+    threads = native.BlasThreads()
+    feed(threads, {2: 3.0e-3, 1: 1.0e-3}, 50)
+    assert not threads.adaptive and blas_threads.history == ([2] if variable == "GPUNN_BLAS_THREADS" else [])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -227,11 +226,13 @@ def test_a_full_disk_names_the_file(digits_dir, tmp_path):
     """RLIMIT_FSIZE makes the checkpoint's write fail as a full disk would (EFBIG; Python ignores
     SIGXFSZ), after the small files are written."""
 
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
-
+    limited = (  # the limit set inside the child: a preexec_fn would fork this (threaded) process
+        "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000)); "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     out = tmp_path / "run"
-    result = run_script(*SMALL, "--data-dir", digits_dir, "--out", out, preexec_fn=limit)
+    command = [sys.executable, "-c", limited, str(SCRIPT)]
+    result = run_script(*SMALL, "--data-dir", digits_dir, "--out", out, command=command)
     assert_one_line_error(result, 1, f"cannot write {out / 'checkpoint.npz'}: File too large")
     assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
 

@@ -67,9 +67,9 @@ def test_every_row_is_visited_once_per_epoch_and_the_last_partial_batch_is_kept(
     seen = []
 
     class Spy(XpEngine):
-        def step(self, rows, lr):
+        def step(self, rows, lr, next_rows=None):
             seen.append(gpunn.to_numpy(rows).copy())
-            return super().step(rows, lr)
+            return super().step(rows, lr, next_rows)
 
     optimizer = gpunn.SGD(net, 0.3)
     gpunn.fit(
@@ -131,8 +131,8 @@ def test_divergence_keeps_the_last_good_checkpoint(digits, device, tmp_path):
     class Poisoned(XpEngine):  # the cost turns non-finite in the second epoch
         t = 0
 
-        def step(self, rows, lr):
-            J, errors = super().step(rows, lr)
+        def step(self, rows, lr, next_rows=None):
+            J, errors = super().step(rows, lr, next_rows)
             Poisoned.t += 1
             return (J * np.nan if Poisoned.t > 25 else J), errors
 

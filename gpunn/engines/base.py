@@ -55,14 +55,16 @@ class Engine:
         misclassified rows (NaN for regression), valid until the next call."""
         for k in range(count):
             start = (first + k) * batch_size
-            J, errors = self.step(order[start : start + batch_size], lrs[k])
+            upcoming = order[start + batch_size : start + 2 * batch_size]
+            J, errors = self.step(order[start : start + batch_size], lrs[k], upcoming)
             self.records[k, 0] = J
             self.records[k, 1] = numpy.nan if errors is None else errors
         return self.records[:count, 0], self.records[:count, 1]
 
-    def step(self, rows, lr):
+    def step(self, rows, lr, next_rows=None):
         """One iteration on ``rows`` (the whole mini-batch, every rank's) with learning rate ``lr``:
-        returns (J, misclassified rows or None) of the whole mini-batch."""
+        returns (J, misclassified rows or None) of the whole mini-batch. ``next_rows``, the following
+        mini-batch's rows where known, is a hint an engine may use to fetch them early."""
         raise NotImplementedError
 
     def evaluate(self, data, chunk: int = EVAL_CHUNK) -> tuple[float, float | None]:
@@ -80,7 +82,7 @@ class Engine:
             return rows, 1.0
         m, r = rows.shape[0], self.comm.rank
         lo, hi = r * m // size, (r + 1) * m // size
-        return rows[lo:hi], (hi - lo) / m
+        return rows[lo:hi], (hi - lo) / max(m, 1)
 
     def my_chunks(self, n: int, chunk: int) -> list[slice]:
         return my_chunks(n, chunk, self.comm)

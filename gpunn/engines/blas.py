@@ -1,29 +1,37 @@
-"""The CPU engine ``blas``: each iteration as a fixed list of prepared BLAS calls.
+"""The CPU engine ``blas``: each iteration as a fixed list of prepared calls, BLAS for the products and
+the fused kernels of kernels.cu (compiled for the CPU) for everything between them.
 
 The mathematics is Algorithm 6.1 and the optimizer's update, as the reference engine runs them. At
 n_b = 100 on a CPU what costs besides the two large products is the number of passes over memory and
 of Python-level calls, so this engine arranges the same arithmetic in fewer of both:
 
-1. Every product is a ``native.gemm`` prepared once per mini-batch size on fixed buffers: one ctypes
-   call (about 1 µs of Python, against ~7 µs for NumPy's matmul converting its arguments each time).
+1. Every call is prepared once per mini-batch size on fixed buffers: a product is one ctypes call into
+   NumPy's own BLAS (``native.gemm``), and so is each element-wise pass (``native.cpu_kernels``: the
+   gather, h, h', and each row's cost, error and dZ^(L), from kernels.cu). Where the package was built
+   without those kernels (no C++ compiler), NumPy does the same passes (layers.py, losses.py).
 2. The offsets ride in the products. (6.17) stores b^(l) right after W^(l)'s last column, so [W b] is
    one view of θ (``model.augmented_views``), and each layer's input carries a constant column:
-   Q̃ = [Q c] (n_b, U + 1). Then α Q̃ [W b]ᵀ = α Q Wᵀ + 1 bᵀ when c = 1/α: (6.14) in one call.
+   Q̃ = [Q c] (n_b, U + 1). Then α Q̃ [W b]ᵀ = α Q Wᵀ + 1 bᵀ when c = 1/α: (6.14) in one call, written
+   straight into the next layer's Q̃, where h then runs in place (h' is read through Q = h(Z)).
 3. So does the input scale: integer inputs (uint8 pixels) are only converted to floats, never scaled,
    and layer 1's products take α = the data's input scale (c = 1/α); every other layer has α = c = 1.
-4. Z^(L) is kept transposed, (M, n_b), so the loss's reductions over the M outputs run along
-   contiguous rows (losses.py with ``axis=0``).
-5. Plain SGD on one process folds the update into the backward pass: γ rides in dZ^(L), on which all
+4. Plain SGD on one process folds the update into the backward pass: γ rides in dZ^(L), on which all
    of (6.27) is linear, and each layer applies [W b] ← [W b] − α dZᵀ Q̃, (6.27c) and (6.27d) together,
    by one gemm with β = 1 that never writes the gradient out, right after (6.27b) has used the old W.
    Any other optimizer, or several ranks, take the gradient mode: the same gemm with β = 0 writes
-   [dW db] into a θ-shaped gradient, the ranks sum it, and the optimizer's own ``step`` updates θ.
+   [dW b] into a θ-shaped gradient, the ranks sum it, and the optimizer's own ``step`` updates θ.
+5. BLAS gets as many threads as are fast now (``native.BlasThreads``): all cores on a quiet machine,
+   one when other processes take a core and the spinning of a second BLAS thread would cost more than
+   it gives.
 
 The prepared calls hold the addresses of θ's views, so θ must be updated in place (as
 ``MLP.load_state`` and every optimizer do), never replaced.
 """
 
 from __future__ import annotations
+
+import ctypes
+import time
 
 import numpy
 
@@ -32,21 +40,24 @@ from ..losses import LOSSES, count_errors
 from ..model import augmented_views
 from ..optim import SGDHyper, unsupported
 from .base import EVAL_CHUNK, Engine
+from .fused import ACT_CODES, TASK_CODES
 
 
 class _Plan:
-    """Buffers and prepared products for mini-batches of ``n`` rows (``train=False``: forward only).
+    """Buffers and prepared calls for mini-batches of ``n`` rows of ``data`` (``train=False``: the
+    forward pass only).
 
-    Qc[l] (n, U_l + 1) is Q̃^(l) = [Q^(l) c] for l = 0 … L−1 (Q^(0) = X, integer inputs unscaled); Z[l]
-    (n, U_{l+1}) for the hidden layers; ZT = Z^(L)ᵀ (M, n), which the loss turns into scale·dZ^(L)ᵀ in
-    place; dQ[l] (n, U_{l+1}) for the hidden layers, which (6.27a) turns into dZ in place. ``descend``
-    folds the update into θ (fold) or writes the gradient into ``grad`` (gradient mode).
+    Qc[l] (n, U_l + 1) is Q̃^(l) = [Q^(l) c] for l = 0 … L−1 (Q^(0) = X, integer inputs unconverted in
+    scale): layer l's product writes Z^(l+1) into Qc[l+1]'s first U columns and h turns it into Q in
+    place; ZL (n, M) is Z^(L); dZL (n, M) the loss's scale·dZ^(L); dQ[l] (n, U_{l+1}) for the hidden
+    layers, which (6.27a) turns into dZ in place.
     """
 
-    def __init__(self, engine, data, n: int, train: bool):
+    def __init__(self, engine: BlasEngine, data, n: int, train: bool):
         net = engine.net
         dtype, sizes, L = net.dtype, net.sizes, net.L
-        self.n = n
+        self.n, self.task, self.data = n, net.task, data
+        self.kernels = native.cpu_kernels(dtype, data.X.dtype) if engine.use_kernels else None
         self.Qc = []
         for l, u in enumerate(sizes[:-1]):
             self.Qc.append(numpy.empty((n, u + 1), dtype=dtype))
@@ -55,58 +66,125 @@ class _Plan:
         _, self.y, self.staging = data.buffers(n)
         if self.staging is None:  # float inputs: gathered contiguously, then copied beside c
             self.staging = numpy.empty((n, sizes[0]), dtype=dtype)
-        self.Z = [numpy.empty((n, u), dtype=dtype) for u in sizes[1:-1]]
-        self.ZT = numpy.empty((sizes[-1], n), dtype=dtype)
+        self.rows = numpy.empty(n, dtype=numpy.int64)
+        self.ZL = numpy.empty((n, sizes[-1]), dtype=dtype)
+        self.dZL = numpy.empty((n, sizes[-1]), dtype=dtype)
         self.dQ = [numpy.empty((n, u), dtype=dtype) for u in sizes[1:-1]] if train else []
-        self.work: dict = {}  # the loss's small buffers
-        self.forward, self.backward = [], []  # (product, h, Z, Q); (h, Z, Q, dZ, to_dQ_prev, descend)
+        self.work: dict = {}  # the NumPy loss's small buffers
+        self.forward, self.backward = [], []  # (product, activate); (slope, to_dQ_prev, descend)
         targets = augmented_views(engine.grad, sizes) if engine.gradient_mode else None
         for l, (layer, Wb) in enumerate(zip(net.layers, augmented_views(net.theta, sizes))):
             alpha, Qc = (data.scale if l == 0 else 1.0), self.Qc[l]
-            if l == L - 1:  # Z^(L)ᵀ = α [W b] Q̃ᵀ
-                h = Z = Q = None
-                dZ = self.ZT.T
-                self.forward.append((native.gemm(Wb, Qc.T, self.ZT, alpha), h, Z, Q))
-            else:  # Z = α Q̃ [W b]ᵀ, then Q = h(Z) into the next Q̃
-                h, Z, Q = layer.activation, self.Z[l], self.Qc[l + 1][:, :-1]
-                dZ = self.dQ[l] if train else None
-                self.forward.append((native.gemm(Qc, Wb.T, Z, alpha), h, Z, Q))
+            if l == L - 1:
+                Z, dZ, activate, slope = self.ZL, self.dZL, None, None
+            else:  # Z straight into the next layer's input, where h runs in place
+                Z, dZ = self.Qc[l + 1][:, :-1], (self.dQ[l] if train else None)
+                activate = self._activation(layer.activation, Z)
+                slope = self._slope(layer.activation, dZ, Z) if train else None
+            self.forward.append((native.gemm(Qc, Wb.T, Z, alpha), activate))  # Z = α Q̃ [W b]ᵀ
             if train:
                 to_dQ_prev = native.gemm(dZ, layer.W, self.dQ[l - 1]) if l > 0 else None  # (6.27b)
                 if targets is None:  # [W b] ← [W b] − α dZᵀ Q̃: (6.27c–d) and the update
                     descend = native.gemm(dZ.T, Qc, Wb, -alpha, 1.0)
                 else:  # [dW db] = α dZᵀ Q̃: (6.27c–d)
                     descend = native.gemm(dZ.T, Qc, targets[l], alpha, 0.0)
-                self.backward.insert(0, (h, Z, Q, dZ, to_dQ_prev, descend))
+                self.backward.insert(0, (slope, to_dQ_prev, descend))
+        self._prepare_loss(net)
+        self._prepare_gather(data)
+
+    # --- the element-wise passes: kernels.cu where built, else NumPy ------------------------------
+
+    def _activation(self, h, Z):
+        if self.kernels is not None:
+            n, U = Z.shape
+            return native.prepare(
+                self.kernels.activation_rows, Z, n, U, Z.strides[0] // Z.itemsize, ACT_CODES[h.name]
+            )
+        return lambda: h.forward(numpy, Z, out=Z)
+
+    def _slope(self, h, dQ, Q):
+        if self.kernels is not None:
+            n, U = dQ.shape
+            ld = Q.strides[0] // Q.itemsize
+            return native.prepare(self.kernels.activation_slope, dQ, Q, n, U, ld, ACT_CODES[h.name])
+        return lambda: h.backward(numpy, dQ, Q, Q, out=dQ)  # h' read through Q = h(Z), Z's sign kept
+
+    def _prepare_loss(self, net) -> None:
+        if self.kernels is None:
+            return
+        n, M = self.ZL.shape
+        self.scale = (ctypes.c_float if net.dtype == numpy.float32 else ctypes.c_double)(1.0)
+        self.cost, self.wrong, self.out = numpy.empty(n), numpy.empty(n), numpy.zeros(2)
+        self.zeros = numpy.zeros(M, dtype=net.dtype)  # the offsets are in ZL already
+        labels, targets = (self.y, None) if net.task == "classification" else (None, self.y)
+        self.kernel_loss = native.prepare(
+            self.kernels.loss_rows, self.ZL, self.zeros, labels, targets, n, M, TASK_CODES[net.task],
+            self.scale, self.dZL, self.cost, self.wrong,
+        )  # fmt: skip
+        self.kernel_sum = native.prepare(self.kernels.sum_rows, self.cost, self.wrong, n, 1.0 / n, self.out)
+
+    def _prepare_gather(self, data) -> None:
+        self.kernel_gather = None
+        if self.kernels is not None and data.X.dtype == self.kernels.input_dtype:
+            n, p = self.X.shape
+            labels = data.y if self.task == "classification" else None
+            self.next = numpy.empty(n, dtype=numpy.int64)
+            self.n_next = ctypes.c_int(0)
+            self.kernel_gather = native.prepare(
+                self.kernels.gather_rows, data.X, labels, self.rows, n, p, self.X, p + 1, self.y, self.next,
+                self.n_next,
+            )  # fmt: skip
+
+    def gather(self, rows, next_rows=None) -> None:
+        """The rows' inputs (a slice, or indices) into X (beside the constant column, unscaled) and their
+        targets into y; ``next_rows`` (indices), the next mini-batch's, are fetched into the cache."""
+        if self.kernel_gather is None:
+            self.data.batch(rows, self.X, self.y, self.staging, raw=True)
+            return
+        if isinstance(rows, slice):
+            self.rows[:] = numpy.arange(rows.start, rows.stop)
+        else:
+            numpy.copyto(self.rows, rows)
+        self.n_next.value = 0 if next_rows is None else min(len(next_rows), self.n)
+        if self.n_next.value:
+            self.next[: self.n_next.value] = next_rows[: self.n_next.value]
+        self.kernel_gather()
+        if self.task != "classification":
+            numpy.take(self.data.y, self.rows, axis=0, out=self.y, mode="clip")
 
     def run_forward(self) -> None:
-        """ZT = Z^(L)ᵀ from the inputs in X: Algorithm 6.1 lines 1–6."""
-        for product, h, Z, Q in self.forward:
+        """ZL = Z^(L) from the inputs in X: Algorithm 6.1 lines 1–6."""
+        for product, activate in self.forward:
             product()
-            if h is not None:
-                h.forward(numpy, Z, out=Q)
+            if activate is not None:
+                activate()
 
-    def loss(self, task: str, scale: float, grad: bool):
-        """(J, misclassified rows or None) of ZT against y, counted before the loss (6.19–6.20) turns
-        ZT into scale·dZ^(L)ᵀ (6.26) in place."""
-        errors = count_errors(self.ZT, self.y, task, axis=0, work=self.work)
-        J, _ = LOSSES[task](self.ZT, self.y, dZ=self.ZT, scale=scale, grad=grad, axis=0, work=self.work)
+    def loss(self, scale: float, grad: bool):
+        """(J, misclassified rows or None) of ZL against y (6.19–6.20); dZL = scale·dZ^(L) (6.26)."""
+        if self.kernels is not None:
+            self.scale.value = scale
+            self.kernel_loss()
+            self.kernel_sum()
+            return float(self.out[0]), (None if self.task == "regression" else self.out[1])
+        errors = count_errors(self.ZL, self.y, self.task, work=self.work)
+        J, _ = LOSSES[self.task](self.ZL, self.y, dZ=self.dZL, scale=scale, grad=grad, work=self.work)
         return J, errors
 
     def run_backward(self) -> None:
         """Lines 14–20 for l = L, …, 1, each layer's gemm right after (6.27b) has used the old W."""
-        for h, Z, Q, dZ, to_dQ_prev, descend in self.backward:
-            if h is not None:
-                h.backward(numpy, dZ, Z, Q, out=dZ)  # (6.27a), dQ into dZ in place
+        for slope, to_dQ_prev, descend in self.backward:
+            if slope is not None:
+                slope()  # (6.27a), dQ into dZ in place
             if to_dQ_prev is not None:
                 to_dQ_prev()
             descend()
 
 
 class BlasEngine(Engine):
-    """Any network, any optimizer, on the CPU, as prepared BLAS calls (see the module)."""
+    """Any network, any optimizer, on the CPU, as prepared calls (see the module)."""
 
     name = "blas"
+    use_kernels = True  # False: the element-wise passes in NumPy even where the kernels were built
 
     @classmethod
     def supports(cls, net, optimizer, data, comm=None) -> str | None:
@@ -124,23 +202,27 @@ class BlasEngine(Engine):
         self.flat = numpy.empty(P + 2, dtype=net.dtype)  # [∇J, J, errors]: one allreduce
         self.grad = self.flat[:P]
         self.plans: dict[tuple, _Plan] = {}
+        self.threads = native.BlasThreads()
 
     def plan(self, data, n: int, train: bool = True) -> _Plan:
-        """The plan for n rows of ``data`` (its input scale and stored type shape the products)."""
+        """The plan for n rows of ``data`` (its input scale and stored type shape the calls)."""
         key = (n, train, data.scale, data.X.dtype)
         if key not in self.plans:
             self.plans[key] = _Plan(self, data, n, train)
         return self.plans[key]
 
-    def step(self, rows, lr):
+    def step(self, rows, lr, next_rows=None):
         rows, share = self.local_rows(rows)
+        next_rows = None if next_rows is None else self.local_rows(next_rows)[0]
         J, errors = 0.0, None
         if rows.shape[0]:
+            started = time.perf_counter()
             p = self.plan(self.data, rows.shape[0])
-            self._gather(p, self.data, rows)
+            p.gather(rows, next_rows)
             p.run_forward()
-            J, errors = p.loss(self.net.task, share if self.gradient_mode else lr, grad=True)
+            J, errors = p.loss(share if self.gradient_mode else lr, grad=True)
             p.run_backward()
+            self.threads.record(time.perf_counter() - started)
         elif self.gradient_mode:  # this rank's slice is empty: it adds nothing to the sum
             self.grad.fill(0)
         if self.comm.size > 1:
@@ -152,18 +234,13 @@ class BlasEngine(Engine):
             self.optimizer.step(self.grad, lr)
         return J, errors
 
-    @staticmethod
-    def _gather(p: _Plan, data, rows) -> None:
-        """The rows' inputs into p.X (beside the constant column) and targets into p.y."""
-        data.batch(rows, p.X, p.y, p.staging, raw=True)
-
     def evaluate(self, data, chunk: int = EVAL_CHUNK):
         """By the same forward products as training, this rank's chunks, summed over ranks."""
         totals = numpy.zeros(2)
         for rows in self.my_chunks(data.n, chunk):
             p = self.plan(data, rows.stop - rows.start, train=False)
-            self._gather(p, data, rows)
+            p.gather(rows)
             p.run_forward()
-            J, errors = p.loss(self.net.task, 1.0, grad=False)
+            J, errors = p.loss(1.0, grad=False)
             totals += (J * p.n, errors or 0)
         return self.finish_evaluation(totals, data.n)

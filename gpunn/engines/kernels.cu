@@ -8,6 +8,11 @@
 // sequential CPU emulation in tests/cuda_emulation.py, which checks these kernels against the reference
 // (layers.py, losses.py, optim.py: the one readable home of each formula copied here).
 // Matrices are row-major with one data point per row, as everywhere in gpunn.
+//
+// Compiled as C++ for the CPU (gpunn/engines/cpu_kernels.cpp, the optional extension the package's build
+// makes), the same kernels run on one "thread" that loops over everything, and the CPU engine calls
+// them (loss_rows, sum_rows) with the three host functions at the end, which walk memory row by row
+// as a CPU wants and apply the same h and h'.
 
 #ifndef REAL
 #define REAL float
@@ -181,3 +186,57 @@ extern "C" __global__ void adam_update(REAL* theta, const REAL* g, REAL* m, REAL
         theta[i] -= step_size * (m[i] / (sqrt(v[i]) / correction + eps));
     }
 }
+
+#ifndef __CUDACC__
+// --- host functions for the CPU engine (engines/blas.py), not compiled for the GPU ------------------
+
+// Xb[r, c] = X[rows[r], c] (n rows of p, Xb's rows ldx apart: the CPU engine keeps a constant column
+// beside them) and yb[r] = labels[rows[r]] (labels may be null: targets are gathered by NumPy). Then
+// the rows of the next mini-batch, next[0 … n_next), are asked into the cache, so that they arrive
+// while this iteration's products run instead of stalling the next gather on memory.
+extern "C" void gather_rows(const INPUT* X, const int* labels, const long long* rows, int n, int p,
+                            REAL* Xb, int ldx, int* yb, const long long* next, int n_next) {
+    for (int r = 0; r < n; ++r) {
+        const INPUT* source = X + rows[r] * (long long)p;
+        REAL* target = Xb + (long long)r * ldx;
+        for (int c = 0; c < p; ++c) target[c] = (REAL)source[c];
+        if (labels) yb[r] = labels[rows[r]];
+    }
+    const long long bytes = (long long)p * sizeof(INPUT);
+    for (int r = 0; r < n_next; ++r) {
+        const char* row = (const char*)(X + next[r] * (long long)p);
+        for (long long b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 1);
+    }
+}
+
+template <int ACT>
+static void activation_rows_of(REAL* Z, int n, int U, int ld) {
+    for (int r = 0; r < n; ++r) {
+        REAL* z = Z + (long long)r * ld;
+        for (int j = 0; j < U; ++j) z[j] = act_forward(z[j], ACT);
+    }
+}
+
+// Q = h(Z) in place over n rows of U (rows ld apart): Algorithm 6.1 line 5.
+extern "C" void activation_rows(REAL* Z, int n, int U, int ld, int act) {
+    if (act == ACT_RELU) activation_rows_of<ACT_RELU>(Z, n, U, ld);
+    if (act == ACT_SIGMOID) activation_rows_of<ACT_SIGMOID>(Z, n, U, ld);
+    if (act == ACT_TANH) activation_rows_of<ACT_TANH>(Z, n, U, ld);
+}
+
+template <int ACT>
+static void activation_slope_of(REAL* dQ, const REAL* Q, int n, int U, int ldq) {
+    for (int r = 0; r < n; ++r) {
+        REAL* d = dQ + (long long)r * U;
+        const REAL* q = Q + (long long)r * ldq;
+        for (int j = 0; j < U; ++j) d[j] *= act_slope(q[j], ACT);
+    }
+}
+
+// dZ = dQ ⊙ h'(Z) in place over dQ (n, U), through Q = h(Z) (rows ldq apart): (6.27a).
+extern "C" void activation_slope(REAL* dQ, const REAL* Q, int n, int U, int ldq, int act) {
+    if (act == ACT_RELU) activation_slope_of<ACT_RELU>(dQ, Q, n, U, ldq);
+    if (act == ACT_SIGMOID) activation_slope_of<ACT_SIGMOID>(dQ, Q, n, U, ldq);
+    if (act == ACT_TANH) activation_slope_of<ACT_TANH>(dQ, Q, n, U, ldq);
+}
+#endif

@@ -34,7 +34,7 @@ class XpEngine(Engine):
             self.batches[n] = (Workspace(self.net, n, grad=self.grad), *self.data.buffers(n))
         return self.batches[n]
 
-    def step(self, rows, lr):
+    def step(self, rows, lr, next_rows=None):
         net, P = self.net, self.net.num_params
         rows, share = self.local_rows(rows)
         errors = None
