@@ -45,13 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpuload import BackgroundLoad, OtherProcessesCPU
-from peers import JaxJitRun, JaxScanRun, TorchCompiledRun
+from peers import JaxJitRun, JaxScanRun, TorchCompiledRun, TorchRun
 
 import gpunn
 from gpunn.commands import HelpFormatter
-from gpunn.data import PIXEL_SCALE, DeviceDataset, epoch_order, load_idx_dataset, resolve_data_dir
-from gpunn.engines import EVAL_CHUNK, make_engine
-from gpunn.model import init_theta, param_views
+from gpunn.data import PIXEL_SCALE, DeviceDataset, load_idx_dataset, resolve_data_dir
+from gpunn.engines import make_engine
 
 MODELS = {"784-200-10": [200], "784-10": []}
 PAUSE_S = 0.2  # between epochs on the CPU, so the last contestant's idle threads stop spinning
@@ -121,91 +120,6 @@ class GpunnRun:
 
     def memory(self):
         return self.device.memory_used()
-
-
-class TorchRun:
-    """The same loop written the way PyTorch users write it: data on the device, no per-step .item()."""
-
-    name = "pytorch"
-
-    def __init__(self, device, train, val, hidden, seed, epochs):
-        import torch
-
-        self.torch = torch
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
-        self.device = device
-        self.dev = torch.device("cpu" if not device.is_cuda else f"cuda:{device.index}")
-        self.hidden, self.seed = hidden, seed
-        self.iterations = max(1, epochs) * -(-train.X.shape[0] // 100)
-        host = [
-            np.array(a, dtype=t)
-            for a, t in ((train.X, None), (train.y, np.int64), (val.X, None), (val.y, np.int64))
-        ]
-        t0 = time.perf_counter()  # torch.from_numpy wants writable arrays: copied above, untimed
-        self.Xtr, self.ytr, self.Xva, self.yva = (torch.from_numpy(a).to(self.dev) for a in host)
-        self.sync()
-        self.upload_s = time.perf_counter() - t0
-        self.reset()
-
-    def reset(self):
-        torch, sizes = self.torch, [784, *self.hidden, 10]
-        layers = []
-        theta = init_theta(sizes, "relu", self.seed, np.float32)  # gpunn's initial weights, exactly
-        for l, (W, b) in enumerate(param_views(theta, sizes)):
-            lin = torch.nn.Linear(W.shape[1], W.shape[0])
-            with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(W)))
-                lin.bias.copy_(torch.from_numpy(b.copy()))
-            layers += [lin] + ([torch.nn.ReLU()] if l < len(sizes) - 2 else [])
-        self.model = torch.nn.Sequential(*layers).to(self.dev)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.5)
-        self.loss_hist = torch.zeros(self.iterations, device=self.dev)
-        self.error_hist = torch.zeros(self.iterations, device=self.dev, dtype=torch.int64)
-        self.t = 0
-        self.records = []
-
-    def evaluate(self):
-        torch = self.torch
-        cost = torch.zeros((), device=self.dev, dtype=torch.float64)
-        errors = torch.zeros((), device=self.dev, dtype=torch.int64)
-        with torch.no_grad():
-            for s in range(0, self.Xva.shape[0], EVAL_CHUNK):  # gpunn's chunks
-                X = self.Xva[s : s + EVAL_CHUNK].float().mul_(1 / 255)
-                y = self.yva[s : s + EVAL_CHUNK]
-                Z = self.model(X)
-                cost += torch.nn.functional.cross_entropy(Z, y, reduction="sum")
-                errors += (Z.argmax(1) != y).sum()
-        return float(cost) / self.Xva.shape[0], float(errors) / self.Xva.shape[0]
-
-    def epoch(self, e):
-        torch, F = self.torch, self.torch.nn.functional
-        order = torch.from_numpy(epoch_order(self.seed, e, self.Xtr.shape[0], 100)).to(self.dev)
-        for i in range(0, order.shape[0], 100):
-            rows = order[i : i + 100]
-            X = self.Xtr.index_select(0, rows).float().mul_(1 / 255)
-            y = self.ytr.index_select(0, rows)
-            Z = self.model(X)
-            loss = F.cross_entropy(Z, y)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.loss_hist[self.t] = loss.detach()  # the lecture's blue curves: cost and errors
-            self.error_hist[self.t] = (Z.detach().argmax(1) != y).sum()
-            self.t += 1
-            if self.t % 100 == 0:
-                self.records.append(self.evaluate())
-
-    def sync(self):
-        if self.dev.type == "cuda":
-            self.torch.cuda.synchronize(self.dev)
-
-    def losses(self):
-        return self.loss_hist[: self.t].cpu().numpy().astype(np.float64)
-
-    def memory(self):
-        return int(self.torch.cuda.max_memory_allocated(self.dev)) if self.dev.type == "cuda" else 0
 
 
 # --- measuring -----------------------------------------------------------------------------------
@@ -367,7 +281,9 @@ def machine(device, torch_mod) -> dict:
     except ImportError:
         pass
     if device.is_cuda:
+        runtime = device.xp.cuda.runtime
         info["cupy"] = device.xp.__version__
+        info["cuda_runtime"], info["cuda_driver"] = runtime.runtimeGetVersion(), runtime.driverGetVersion()
     return info
 
 

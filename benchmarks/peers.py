@@ -1,6 +1,6 @@
 """More peers for bench_mnist.py: JAX and compiled PyTorch, on the same work as its ``TorchRun``.
 
-    from peers import JaxJitRun, JaxScanRun, TorchCompiledRun
+    from peers import JaxJitRun, JaxScanRun, TorchCompiledRun, TorchRun
     run = JaxScanRun(device, train, val, hidden=[200], seed=0, epochs=15)
     run.epoch(0)          # the warm-up epoch also traces and compiles
     run.reset()           # gpunn's initial weights again; the compiled programs are kept
@@ -288,11 +288,8 @@ def _torch_programs(torch):
     return step, evaluate
 
 
-class TorchCompiledRun(_Counter):
-    """PyTorch with the whole step — forward, cost, gradients, update, records — as one
-    ``torch.compile(fullgraph=True)`` graph (default mode, static shapes)."""
-
-    name = "pytorch-compiled"
+class _TorchRun(_Counter):
+    """What both PyTorch contestants share: the device, TF32 off, the data uploaded, the records."""
 
     def __init__(self, device, train, val, hidden, seed, epochs):
         torch = _require("torch", self.name, "pip install torch")
@@ -303,7 +300,7 @@ class TorchCompiledRun(_Counter):
         self.dev = torch.device("cpu" if not device.is_cuda else f"cuda:{device.index}")
         self.device, self.hidden, self.seed = device, hidden, seed  # device: gpunn's
         self._setup(train.X.shape[0], epochs)
-        host = [
+        host = [  # torch.from_numpy wants writable arrays: copied here, untimed
             np.array(a, dtype=t)
             for a, t in ((train.X, np.uint8), (train.y, np.int64), (val.X, np.uint8), (val.y, np.int64))
         ]
@@ -311,9 +308,90 @@ class TorchCompiledRun(_Counter):
         self.Xtr, self.ytr, self.Xva, self.yva = (torch.from_numpy(a).to(self.dev) for a in host)
         self.sync()
         self.upload_s = time.perf_counter() - t0
-        step, evaluate = _torch_programs(torch)
-        self._step = torch.compile(step, fullgraph=True, dynamic=False)
-        self._evaluate = torch.compile(evaluate, fullgraph=True, dynamic=False)
+
+    def _fresh_records(self) -> None:
+        torch = self.torch
+        self.loss_hist = torch.zeros(self.iterations, device=self.dev)
+        self.error_hist = torch.zeros(self.iterations, device=self.dev, dtype=torch.int64)
+        self.t = 0
+        self.records = []
+
+    def sync(self):
+        if self.dev.type == "cuda":
+            self.torch.cuda.synchronize(self.dev)
+
+    def losses(self):
+        return self.loss_hist[: self.t].cpu().numpy().astype(np.float64)
+
+    def memory(self):
+        return int(self.torch.cuda.max_memory_allocated(self.dev)) if self.dev.type == "cuda" else 0
+
+
+class TorchRun(_TorchRun):
+    """PyTorch eager, written the way PyTorch users write it: data on the device, ``nn.Sequential``,
+    ``optim.SGD``, ``loss.backward()``, no per-step ``.item()``."""
+
+    name = "pytorch"
+
+    def __init__(self, device, train, val, hidden, seed, epochs):
+        super().__init__(device, train, val, hidden, seed, epochs)
+        self.reset()
+
+    def reset(self):
+        torch, layers = self.torch, []
+        params = initial_params(self.hidden, self.seed)
+        for l, (W, b) in enumerate(params):
+            lin = torch.nn.Linear(W.shape[1], W.shape[0])
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(W))
+                lin.bias.copy_(torch.from_numpy(b))
+            layers += [lin] + ([torch.nn.ReLU()] if l < len(params) - 1 else [])
+        self.model = torch.nn.Sequential(*layers).to(self.dev)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
+        self._fresh_records()
+
+    def evaluate(self):
+        torch = self.torch
+        cost = torch.zeros((), device=self.dev, dtype=torch.float64)
+        errors = torch.zeros((), device=self.dev, dtype=torch.int64)
+        with torch.no_grad():
+            for s in range(0, self.Xva.shape[0], EVAL_CHUNK):  # gpunn's chunks
+                X = self.Xva[s : s + EVAL_CHUNK].float().mul_(1 / 255)
+                y = self.yva[s : s + EVAL_CHUNK]
+                Z = self.model(X)
+                cost += torch.nn.functional.cross_entropy(Z, y, reduction="sum")
+                errors += (Z.argmax(1) != y).sum()
+        return float(cost) / self.Xva.shape[0], float(errors) / self.Xva.shape[0]
+
+    def epoch(self, e):
+        torch, F = self.torch, self.torch.nn.functional
+        order = torch.from_numpy(epoch_order(self.seed, e, self.n, BATCH)).to(self.dev)
+        self._check_room(self.steps_per_epoch)
+        for i in range(0, order.shape[0], BATCH):
+            rows = order[i : i + BATCH]
+            X = self.Xtr.index_select(0, rows).float().mul_(1 / 255)
+            y = self.ytr.index_select(0, rows)
+            Z = self.model(X)
+            loss = F.cross_entropy(Z, y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.loss_hist[self.t] = loss.detach()  # the lecture's blue curves: cost and errors
+            self.error_hist[self.t] = (Z.detach().argmax(1) != y).sum()
+            self._advance(1)
+
+
+class TorchCompiledRun(_TorchRun):
+    """PyTorch with the whole step — forward, cost, gradients, update, records — as one
+    ``torch.compile(fullgraph=True)`` graph (default mode, static shapes)."""
+
+    name = "pytorch-compiled"
+
+    def __init__(self, device, train, val, hidden, seed, epochs):
+        super().__init__(device, train, val, hidden, seed, epochs)
+        step, evaluate = _torch_programs(self.torch)
+        self._step = self.torch.compile(step, fullgraph=True, dynamic=False)
+        self._evaluate = self.torch.compile(evaluate, fullgraph=True, dynamic=False)
         self.reset()
 
     def reset(self):
@@ -321,11 +399,8 @@ class TorchCompiledRun(_Counter):
         self.params = [
             torch.from_numpy(a).to(self.dev) for pair in initial_params(self.hidden, self.seed) for a in pair
         ]
-        self.loss_hist = torch.zeros(self.iterations, device=self.dev)
-        self.error_hist = torch.zeros(self.iterations, device=self.dev, dtype=torch.int64)
         self.t_dev = torch.zeros(1, device=self.dev, dtype=torch.int64)
-        self.t = 0
-        self.records = []
+        self._fresh_records()
 
     def evaluate(self):
         n, sums = self.Xva.shape[0], []
@@ -348,13 +423,3 @@ class TorchCompiledRun(_Counter):
             block = full if i < self.full_steps else tail
             self._step(self.params, self.Xtr, self.ytr, block, k, self.loss_hist, self.error_hist, self.t_dev)
             self._advance(1)
-
-    def sync(self):
-        if self.dev.type == "cuda":
-            self.torch.cuda.synchronize(self.dev)
-
-    def losses(self):
-        return self.loss_hist[: self.t].cpu().numpy().astype(np.float64)
-
-    def memory(self):
-        return int(self.torch.cuda.max_memory_allocated(self.dev)) if self.dev.type == "cuda" else 0

@@ -5,7 +5,8 @@
 
 A problem the user can cause ends in one line on stderr, ``PROG: error: …``, and exit status 2 for bad
 flags (UsageError), 1 for the rest (any GpunnError, a file-system error, running out of memory) and 130
-for Ctrl-C outside training (143 for SIGTERM); warnings become ``PROG: notice: …`` lines.
+for Ctrl-C outside training (143 for SIGTERM); warnings, whenever they come, become ``PROG: notice: …``
+lines.
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ def run_command(prog: str, parse: Callable, run: Callable[..., int], argv: list[
     argv = sys.argv[1:] if argv is None else argv
     main_thread = threading.current_thread() is threading.main_thread()  # signals are the main thread's
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    show = warnings.showwarning
+
+    def notice(message, category, filename, lineno, file=None, line=None):  # one line, no source
+        print(f"{prog}: notice: {message}", file=sys.stderr)
+
+    warnings.showwarning = notice
     try:
         return run(parse(argv))
     except BaseException as exc:
@@ -78,6 +85,7 @@ def run_command(prog: str, parse: Callable, run: Callable[..., int], argv: list[
         _end_other_ranks(code)
         return code
     finally:
+        warnings.showwarning = show
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 

@@ -449,6 +449,23 @@ class Config:
         names = ("epochs", "batch_size", "lr_schedule", "lr_step_epochs", "lr_gamma", "eval_every", "seed")
         return {name: getattr(self, name) for name in names}
 
+    def train(self, train, val, device, **options) -> tuple[MLP, History]:
+        """(network, History) of this recipe trained from its seed on ``train`` and evaluated on ``val``
+        (data.Split of MNIST-layout images, the pixels scaled to [0, 1]); ``options`` go to ``fit``."""
+        from .data import PIXEL_SCALE
+
+        net = self.network(train.X.shape[1], device)
+        history = fit(
+            net,
+            train.X,
+            train.y,
+            optimizer=self.make_optimizer(net),
+            validation_data=(val.X, val.y),
+            input_scale=PIXEL_SCALE,
+            **{"progress": False, **self.fit_options(), **options},
+        )
+        return net, history
+
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

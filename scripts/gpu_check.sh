@@ -8,11 +8,15 @@
 # DATA_DIR   the four MNIST files (default: $GPUNN_DATA_DIR; without either, MNIST is downloaded)
 # --dry-run  print what each stage would run and write summary.json, running nothing
 #
-# Stages, in order: install (only the missing modules among numpy, tqdm, pytest, matplotlib, cupy),
-# gpu (nvidia-smi), cupy (CuPy's first kernel compilation), data, cuda-suite (pytest -m cuda),
-# agreement (tests/test_cuda_agreement.py), run (scripts/train_mnist.py, the lecture's 15 epochs) and
-# bench (benchmarks/bench_mnist.py, skipped where absent or where PyTorch is missing). Every stage runs
-# under `timeout`, and after installation all of them together stop within GPU_CHECK_BUDGET_S seconds.
+# Stages, in order: install (only the missing modules among numpy, tqdm, pytest, matplotlib, filelock,
+# pooch, threadpoolctl, mpi4py (with mpich), cupy), gpu (nvidia-smi), cupy (CuPy's first kernel
+# compilation), data, cuda-suite (pytest -m cuda, with the CUDA engines as the default: GPUNN_AUTO_ENGINES
+# graph,fused,xp), agreement (tests/test_cuda_agreement.py, likewise), nccl (NCCL's one-rank path against
+# one process), run (scripts/train_mnist.py --engine graph, the lecture's 15 epochs), bench
+# (benchmarks/bench_mnist.py with the engines and the GPU peers, skipped where PyTorch is missing) and
+# profile (Nsight Compute's per-kernel summary of one graph replay, skipped where ncu is missing). Every
+# stage runs under `timeout`, and after installation all of them together stop within
+# GPU_CHECK_BUDGET_S seconds.
 # Works offline when everything is installed, from a checkout (PYTHONPATH=repo) or a pip install.
 #
 # Exit status: 0 when every stage passed (or was skipped), 1 when one failed, 2 for bad arguments,
@@ -23,7 +27,8 @@
 #   GPU_CHECK_BUDGET_S    seconds for all stages after installation (default: 480)
 #   GPU_CHECK_CUPY        what to pip-install when CuPy is missing (default: cupy-cuda12x[ctk], or
 #                         cupy-cuda13x[ctk] where nvidia-smi reports a CUDA 13 driver)
-#   GPU_CHECK_BENCH_ARGS  extra benchmark flags (default: --repeats 3 --epochs 3, to fit the budget)
+#   GPU_CHECK_BENCH_ARGS  benchmark flags (default: 3 runs of 3 epochs of 784-200-10, engines graph,
+#                         fused and xp, peers PyTorch eager and compiled and JAX scan, to fit the budget)
 
 set -u
 set -o pipefail
@@ -82,7 +87,9 @@ fi
 
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
 [[ $BUDGET =~ ^[0-9]+$ ]] || fail_usage "GPU_CHECK_BUDGET_S must be a whole number of seconds, not $BUDGET"
-read -r -a BENCH_ARGS <<<"${GPU_CHECK_BENCH_ARGS---repeats 3 --epochs 3}"
+DEFAULT_BENCH="--repeats 3 --epochs 3 --models 784-200-10 --engines graph fused xp"
+DEFAULT_BENCH+=" --peers pytorch pytorch-compiled jax-scan"
+read -r -a BENCH_ARGS <<<"${GPU_CHECK_BENCH_ARGS-$DEFAULT_BENCH}"
 
 PY=${PYTHON:-python3}
 if ! command -v "$PY" >/dev/null 2>&1; then
@@ -235,6 +242,7 @@ MISSING=()
 SPECS=()
 BROKEN_CUPY=
 for pair in "numpy=numpy>=1.24" "tqdm=tqdm>=4.60" "pytest=pytest>=7.4" "matplotlib=matplotlib>=3.6" \
+    "filelock=filelock>=3.12" "pooch=pooch>=1.8" "threadpoolctl=threadpoolctl>=3" "mpi4py=mpi4py>=4 mpich" \
     "cupy=$CUPY_SPEC"; do
     module=${pair%%=*}
     "$PY" -c "import $module" >/dev/null 2>&1 && continue
@@ -244,7 +252,8 @@ for pair in "numpy=numpy>=1.24" "tqdm=tqdm>=4.60" "pytest=pytest>=7.4" "matplotl
         continue
     fi
     MISSING+=("$module")
-    SPECS+=("${pair#*=}")
+    read -r -a specs <<<"${pair#*=}"
+    SPECS+=("${specs[@]}")
 done
 if ((${#MISSING[@]} == 0)); then
     printf '\n=== install: nothing to install\n'
@@ -346,6 +355,8 @@ check_pytest() { # after a pytest stage: fail it when it passed without proving 
     fi
 }
 
+# The CUDA engines as "auto" would take them once they pass here (see docs/engines.md).
+export GPUNN_AUTO_ENGINES=graph,fused,xp
 stage cuda-suite 240 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --junitxml "$OUT/cuda-suite.xml"
 check_pytest cuda-suite 1
 
@@ -353,7 +364,11 @@ stage agreement 180 "$PY" -m pytest tests/test_cuda_agreement.py -m cuda -v -rs 
     --junitxml "$OUT/agreement.xml"
 check_pytest agreement 0
 
-RUN_ARGS=(--device cuda --no-progress --out "$OUT/run")
+stage nccl 120 "$PY" -m pytest tests/test_parallel.py -m cuda -k nccl -v -rs -p no:cacheprovider \
+    --junitxml "$OUT/nccl.xml"
+check_pytest nccl 0
+
+RUN_ARGS=(--device cuda --engine graph --no-progress --out "$OUT/run")
 [[ -n $DATA ]] && RUN_ARGS+=(--data-dir "$DATA")
 stage run 300 "$PY" scripts/train_mnist.py "${RUN_ARGS[@]}"
 
@@ -367,6 +382,13 @@ else
     BENCH=(benchmarks/bench_mnist.py --device cuda --json "$OUT/bench.json" "${BENCH_ARGS[@]}")
     [[ -n $DATA ]] && BENCH+=(--data-dir "$DATA")
     stage bench 240 "$PY" "${BENCH[@]}"
+fi
+
+if command -v ncu >/dev/null 2>&1; then
+    stage profile 180 ncu --profile-from-start off --print-summary per-kernel "$PY" benchmarks/profile_graph.py
+else
+    printf '\n=== profile: skipped, Nsight Compute (ncu) is not on PATH\n'
+    record profile skip 0 0 "ncu is not on PATH"
 fi
 
 # --- summary -------------------------------------------------------------------------------------

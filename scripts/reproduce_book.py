@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from gpunn.cli import config_from_flags
 from gpunn.commands import Parser, device_name, no_matplotlib, run_command
 from gpunn.commands import device as cli_device
-from gpunn.data import PIXEL_SCALE, Split, load_idx_dataset, resolve_data_dir
+from gpunn.data import load_idx_dataset, resolve_data_dir
 from gpunn.files import display_path, write_atomic
-from gpunn.train import Config, History, fit, iterations_per_epoch
+from gpunn.train import Config, History, iterations_per_epoch
 
 PROG = "reproduce_book.py"
 # (name, hidden widths, figure file, figure number, the lecture's final validation error in %)
@@ -35,23 +35,6 @@ MODELS = (
     ("two-layer network, 200 ReLU units", [200], "fig6_8_two_layer.png", "Figure 6.8", 2.0),
 )
 QUICK_TRAIN, QUICK_VAL = 5000, 1000
-
-
-def train_model(cfg: Config, train: Split, val: Split, device, on_eval=None):
-    """(net, History) after training with ``cfg`` on the pixels scaled to [0, 1] (gpunn.fit)."""
-    net = cfg.network(train.X.shape[1], device)
-    history = fit(
-        net,
-        train.X,
-        train.y,
-        optimizer=cfg.make_optimizer(net),
-        validation_data=(val.X, val.y),
-        input_scale=PIXEL_SCALE,
-        on_eval=on_eval,
-        progress=False,
-        **cfg.fit_options(),
-    )
-    return net, history
 
 
 def results_table(rows: list[dict]) -> str:
@@ -133,7 +116,7 @@ def _run(args) -> int:
                     flush=True,
                 )
 
-        net, history = train_model(cfg, train_split, val_split, device, progress)
+        net, history = cfg.train(train_split, val_split, device, on_eval=progress)
         records = history.records
         arch = "-".join(map(str, net.sizes))
         rows.append(

@@ -71,7 +71,7 @@ def torch_reference(mnist, torch_one_thread):
 
     def run(device):
         if device.name not in done:
-            from bench_mnist import TorchRun
+            from peers import TorchRun
 
             ref = TorchRun(device, *mnist, HIDDEN, 0, 1)
             ref.epoch(0)
@@ -115,7 +115,7 @@ def test_jax_scan_cuts_at_evaluations_and_epoch_ends(mnist, device, torch_one_th
     """Epochs of 24 steps, the last a partial mini-batch of 45 rows: the scans stop at the epoch's
     last full mini-batch and at the evaluation after 100 iterations (counted over the run, so 4 steps
     into the fifth epoch), and do TorchRun's work all the same."""
-    from bench_mnist import TorchRun
+    from peers import TorchRun
 
     train, val = mnist
     subset = SimpleNamespace(X=train.X[:2345], y=train.y[:2345])

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-STAGES = ["install", "gpu", "cupy", "data", "cuda-suite", "agreement", "run", "bench"]
+STAGES = ["install", "gpu", "cupy", "data", "cuda-suite", "agreement", "nccl", "run", "bench", "profile"]
 
 
 def check(*args, env=None) -> subprocess.CompletedProcess:
@@ -105,7 +105,11 @@ def test_dry_run_plans_every_stage_and_writes_the_summary(tmp_path, digits_dir):
     planned = {s["name"]: s["note"] for s in summary["stages"]}
     assert "-m pytest -m cuda" in planned["cuda-suite"]
     assert "tests/test_cuda_agreement.py" in planned["agreement"]
-    run = f"scripts/train_mnist.py --device cuda --no-progress --out {out}/run --data-dir {digits_dir}"
+    assert "tests/test_parallel.py -m cuda -k nccl" in planned["nccl"]
+    run = "scripts/train_mnist.py --device cuda --engine graph --no-progress"
+    run += f" --out {out}/run --data-dir {digits_dir}"
     assert run in planned["run"]
+    assert "--engines graph fused xp --peers pytorch pytorch-compiled jax-scan" in planned["bench"]
+    assert "profile_graph.py" in planned["profile"] or "ncu is not on PATH" in planned["profile"]
     assert summary["run"] is None and not (out / "run").exists(), "a dry run trains nothing"
     assert "dry run: nothing was run" in result.stdout

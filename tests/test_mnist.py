@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import gpunn
-from gpunn.data import PIXEL_SCALE, load_idx_dataset
+from gpunn.data import load_idx_dataset
 from gpunn.train import Config
 
 pytestmark = [pytest.mark.mnist, pytest.mark.slow]
@@ -26,17 +25,7 @@ def test_lecture_recipe(mnist, device, hidden, bar):
     assert train.X.shape == (60000, 784) and val.X.shape == (10000, 784)
     cfg = Config(hidden=hidden)  # γ = 0.5, n_b = 100, 15 epochs = 9000 iterations, evaluation every 100
     assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.eval_every) == (0.5, 100, 15, 100)
-    net = cfg.network(784, device)
-    history = gpunn.fit(
-        net,
-        train.X,
-        train.y,
-        optimizer=cfg.make_optimizer(net),
-        validation_data=(val.X, val.y),
-        input_scale=PIXEL_SCALE,
-        progress=False,
-        **cfg.fit_options(),
-    )
+    _, history = cfg.train(train, val, device)
     records = history.records
     assert history.iteration == 9000 and len(records) == 90
     assert records[-1]["val_error"] <= bar

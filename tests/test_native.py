@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import numpy as np
 import pytest
@@ -124,3 +125,18 @@ def test_blas_threads_leave_a_users_choice_alone(blas_threads, monkeypatch, vari
     threads = native.BlasThreads()
     feed(threads, {2: 3.0e-3, 1: 1.0e-3}, 50)
     assert not threads.adaptive and blas_threads.history == ([2] if variable == "GPUNN_BLAS_THREADS" else [])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "inputs"), [(np.float32, np.uint8), (np.float64, np.uint8), (np.float32, np.float32)]
+)
+def test_the_cpu_kernels_were_built(dtype, inputs):
+    """kernels.cu compiled for the CPU by the package's build (setup.py); where no C++ compiler was
+    there the CPU engine runs its passes in NumPy (tests/test_engines.py checks both)."""
+    kernels = native.cpu_kernels(dtype, inputs)
+    if kernels is None:
+        if os.environ.get("GPUNN_REQUIRE_CPU_KERNELS") == "1":
+            pytest.fail("GPUNN_REQUIRE_CPU_KERNELS=1 but the package was built without its CPU kernels")
+        pytest.skip("the package was built without its CPU kernels (no C++ compiler at install time)")
+    assert kernels.input_dtype == np.dtype(inputs)
+    assert native.cpu_kernels(np.float32, np.int16) is None  # no module for that pairing: NumPy does it

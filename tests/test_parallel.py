@@ -166,3 +166,38 @@ def test_a_failure_on_every_rank_is_one_line_and_ends_every_rank(tmp_path):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if "train_mnist.py" in line]
     assert len(lines) == 1 and "is not a folder" in lines[0], result.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("engine", ["xp", "fused", "graph"])
+def test_nccl_on_one_rank_trains_like_one_process(cuda_device, engine):
+    """NCCL's single-rank path (a real NCCL allreduce of every gradient, on the compute stream, inside
+    the graph for ``graph``) computes what no communicator computes."""
+    pytest.importorskip(
+        "mpi4py", reason="the NCCL communicator bootstraps over MPI: pip install 'gpunn[mpi]'"
+    )
+    from gpunn.distributed import get_communicator
+    from gpunn.engines import make_engine as make
+
+    comm = get_communicator("nccl", cuda_device)
+    rng = np.random.default_rng(5)
+    X, y = rng.integers(0, 256, (500, 784), dtype=np.uint8), rng.integers(0, 10, 500)
+    results = []
+    for communicator in (None, comm):
+        net = gpunn.MLP([784, 64, 10], device=cuda_device, seed=0, dtype="float64")
+        opt = make_optimizer(net, "sgd", lr=0.1, momentum=0.5)
+        data = DeviceDataset(net, X, y, 1 / 255)
+        chosen = make(engine, net, opt, data, communicator)
+        history = gpunn.fit(
+            net,
+            data,
+            epochs=2,
+            batch_size=64,
+            optimizer=opt,
+            engine=chosen,
+            comm=communicator,
+            progress=False,
+        )
+        results.append((np.array(history.batch_loss), gpunn.to_numpy(net.theta)))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=RTOL)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=RTOL, atol=1e-14)

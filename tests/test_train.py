@@ -265,3 +265,19 @@ def test_fit_refuses_impossible_arguments(kwargs, message):
     net = gpunn.MLP([2, 3])
     with pytest.raises(ValueError, match=message):
         gpunn.fit(net, np.zeros((4, 2)), np.zeros(4, int), progress=False, **kwargs)
+
+
+def test_the_progress_bars_show_training_cost_and_error_beside_validation(capsys):
+    from gpunn.progress import ProgressBars
+
+    bars = ProgressBars(total=20, per_epoch=10, start=0)
+    for t in range(1, 8):
+        bars.on_step(t)
+    record = {"train_loss": 0.4321, "train_error": 0.125, "val_loss": 0.5, "val_error": 0.25}
+    bars.on_eval(record)
+    assert bars.epochs.postfix == "cost=0.4321, error=12.50%, val_cost=0.5000, val_error=25.00%"
+    bars.on_eval(
+        {**record, "train_error": None, "val_loss": None, "val_error": None}
+    )  # regression, no validation
+    assert bars.epochs.postfix == "cost=0.4321"
+    bars.close()
