@@ -63,7 +63,8 @@ class History:
 class Callback:
     """Hooks into ``fit``; override what you need. ``fit`` calls ``on_step`` after every iteration,
     ``on_eval`` with each evaluation's record, ``on_checkpoint`` at every epoch's end and when the run
-    stops early (a moment to save), and asks ``should_stop`` after every stretch of iterations."""
+    stops early (a moment to save), asks ``should_stop`` after every stretch of iterations, and calls
+    ``close`` when it returns or fails."""
 
     def on_step(self, iteration: int) -> None:
         pass
@@ -76,6 +77,9 @@ class Callback:
 
     def should_stop(self) -> bool:
         return False
+
+    def close(self) -> None:
+        pass
 
 
 def iterations_per_epoch(n: int, batch_size: int) -> int:
@@ -207,9 +211,7 @@ def fit(
         loop.run(epochs * per_epoch, divergence_factor)
     finally:
         for callback in callbacks:
-            close = getattr(callback, "close", None)
-            if close is not None:
-                close()
+            callback.close()
     return history
 
 

@@ -329,3 +329,24 @@ def test_config_and_figure_name_the_data_set(data, tmp_path):
     assert run(*SMALL, "--epochs", "1", "--data-dir", data, "--out", other).returncode == 0
     config = json.loads((other / "config.json").read_text())
     assert config["dataset"] is None and config["title"] == f"IDX data in {data.name}"
+
+
+def test_resume_uses_the_recorded_device_not_auto(data, tmp_path):
+    """The printed resume command once fell back to --device auto; a run recorded on a GPU must not
+    quietly continue on the CPU (here, without a GPU, the recorded cuda is refused in one line)."""
+    out = tmp_path / "run"
+    assert run(*SMALL, "--epochs", "1", "--data-dir", data, "--out", out).returncode == 0
+    with np.load(out / "checkpoint.npz") as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["run"]["device"] = "cuda:0"
+    arrays["meta"] = np.asarray(json.dumps(meta))
+    np.savez(out / "checkpoint.npz", **arrays)
+    resumed = run("--out", out, "--resume", "--epochs", "2")
+    if resumed.returncode == 0:
+        assert "cuda:0" in resumed.stdout  # a GPU answered: the run went on there
+    else:
+        assert_one_line_error(resumed, 1, "CUDA needs CuPy")
+    assert (
+        run("--out", out, "--resume", "--epochs", "2", "--device", "cpu").returncode == 0
+    )  # a flag overrides

@@ -36,3 +36,11 @@ def test_only_the_backend_imports_cupy():
         text = path.read_text()
         if path.name != "backend.py":
             assert not re.search(r"^\s*(import cupy|from cupy)", text, re.M), path.name
+
+
+def test_the_readme_starts_on_the_cpu_and_names_no_path_a_user_lacks():
+    install_and_train = readme_commands()[0]
+    assert "cuda" not in install_and_train  # CuPy's 3 GB of CUDA wheels are the GPU line, not the first
+    text = (ROOT / "README.md").read_text()
+    assert "../shared" not in text and len(text.encode()) <= 10_000
+    assert "gpunn train" in text and "gpunn.fit" in text  # the console command and the library, documented
