@@ -112,7 +112,10 @@ def _meta(arrays: dict, expected: tuple[str, ...]) -> dict:
         meta = json.loads(str(raw))
     except (ValueError, RecursionError) as exc:
         raise _Damaged(f"meta is not JSON: {exc}") from None
-    _choice(_field(meta, "format", "meta"), "meta format", expected)
+    found = _field(meta, "format", "meta")
+    if found == "gpunn-checkpoint-1":
+        raise _Damaged("written by gpunn 0.1, whose checkpoints this version cannot continue: start anew")
+    _choice(found, "meta format", expected)
     return meta
 
 

@@ -258,3 +258,10 @@ def test_a_damaged_checkpoint_leaves_resume_and_eval_with_one_line(checkpoint_by
     assert_one_line_error(
         run_script("--eval-only", tmp_path / "other.zip"), 1, "damaged or not a gpunn model"
     )
+
+
+def test_a_checkpoint_of_gpunn_0_1_is_named_as_such(checkpoint_bytes, tmp_path):
+    path = tmp_path / "checkpoint.npz"
+    rewrite_meta(checkpoint_bytes, path, lambda m: {**m, "format": "gpunn-checkpoint-1"})
+    with pytest.raises(gpunn.CheckpointError, match=r"written by gpunn 0\.1"):
+        load_checkpoint(path)
