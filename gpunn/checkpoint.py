@@ -26,6 +26,7 @@ import math
 import numpy
 
 from . import __version__ as VERSION
+from .backend import to_numpy
 from .errors import CheckpointError
 from .files import display_path, read_npz, write_atomic
 from .layers import ACTIVATIONS
@@ -239,17 +240,11 @@ def save_checkpoint(path, net: MLP, optimizer: Optimizer, history: History, conf
         "run": run or {},
     }
     arrays = dict(net.state())
-    arrays.update({name: numpy.asarray(_host(a)) for name, a in optimizer.state().items()})
+    arrays.update({name: to_numpy(a) for name, a in optimizer.state().items()})
     arrays["batch_loss"] = numpy.asarray(history.batch_loss, dtype=numpy.float64)
     arrays["batch_error"] = numpy.asarray(history.batch_error, dtype=numpy.float64)
     arrays["meta"] = numpy.asarray(json.dumps(meta))
     _write(path, arrays)
-
-
-def _host(a):
-    from .backend import to_numpy
-
-    return to_numpy(a)
 
 
 def load_checkpoint(path) -> Checkpoint:

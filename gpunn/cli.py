@@ -31,8 +31,8 @@ from .data import PIXEL_SCALE, DeviceDataset, load_idx_dataset, load_split, reso
 from .distributed import get_communicator
 from .engines import ENGINE_NAMES
 from .engines.reference import evaluate
-from .errors import CheckpointError, DivergenceError, RunFolderError
-from .files import RunLock, display_path, remove_stale_temporaries, write_atomic
+from .errors import CheckpointError, DivergenceError, RunFolderError, WriteError
+from .files import RunLock, display_path, reason_of, remove_stale_temporaries, write_atomic
 from .train import DIVERGENCE_FACTOR, Callback, Config, History, fit, iterations_per_epoch
 
 RECIPE = [f.name for f in dataclasses.fields(Config)]  # the flags that make a run what it is
@@ -484,9 +484,6 @@ class _MetricsLog(Callback):
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as exc:
-            from .errors import WriteError
-            from .files import reason_of
-
             raise WriteError(f"cannot write {display_path(self.path)}: {reason_of(exc)}") from None
 
 

@@ -286,6 +286,12 @@ class BlasThreads:
         self.trial_of = None  # the count a trial left, while one runs
         self.interval, self.blocks = self.FIRST_INTERVAL, 0
 
+    def engage(self) -> None:
+        """Before an iteration: the thread count this engine chose, should another engine have set
+        another (the count is the process's, shared by every engine in it)."""
+        if self.adaptive and _threads_now[0] != self.current:
+            self._set(self.current)
+
     def record(self, seconds: float) -> None:
         """One more iteration took ``seconds``."""
         if not self.adaptive:
@@ -317,7 +323,10 @@ class BlasThreads:
     def _set(self, threads: int) -> None:
         for controller in self.controllers:
             controller.set_num_threads(threads)
-        self.current = threads
+        self.current = _threads_now[0] = threads
+
+
+_threads_now = [0]  # the BLAS thread count BlasThreads last set in this process (0: none yet)
 
 
 def _blas_controllers():

@@ -30,7 +30,7 @@ from .engines import ENGINE_NAMES, Engine, make_engine
 from .errors import DivergenceError
 from .layers import ACTIVATIONS
 from .losses import LOSSES
-from .model import DTYPES, MLP
+from .model import DTYPES, MLP, Workspace
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, Schedule, make_optimizer
 
 DIVERGENCE_FACTOR = 10.0  # default: stop when the mini-batch cost stays this far above its start
@@ -285,7 +285,9 @@ class _Loop:
         net = self.net
         rows = self.train.order(self.seed, 0)[:START_SAMPLE]
         X, y = self.train.batch(rows)
-        J, _ = LOSSES[net.task](net.forward(X, _throwaway(net, rows.shape[0])), y, grad=False)
+        J, _ = LOSSES[net.task](
+            net.forward(X, Workspace(net, rows.shape[0], forward_only=True)), y, grad=False
+        )
         return float(J)
 
     def _add(self, costs, errors, sizes: list[int]) -> None:
@@ -336,12 +338,6 @@ class _Loop:
     def _checkpoint(self) -> None:
         for callback in self.callbacks:
             callback.on_checkpoint(self.history)
-
-
-def _throwaway(net, n):
-    from .model import Workspace
-
-    return Workspace(net, n, forward_only=True)
 
 
 def _check_divergence(h: History, first: int, factor, schedule) -> None:

@@ -278,7 +278,8 @@ def test_out_of_memory_ends_in_one_line(cuda_device, digits_dir, tmp_path):
 # --- the harness itself, on the CPU (no GPU needed: not marked cuda) --------------------------------
 
 
-def test_harness_repeats_itself_on_the_cpu(digits):
+def test_harness_repeats_itself_on_the_cpu(digits, monkeypatch):
+    monkeypatch.setenv("GPUNN_BLAS_THREADS", "2")  # the count OpenBLAS sums with, fixed (docs/engines.md)
     cfg = recipe("float64", epochs=9)
     first = train(CPU, digits, cfg, steps=STEPS)
     second = train(CPU, digits, cfg, steps=STEPS)

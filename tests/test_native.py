@@ -140,3 +140,13 @@ def test_the_cpu_kernels_were_built(dtype, inputs):
         pytest.skip("the package was built without its CPU kernels (no C++ compiler at install time)")
     assert kernels.input_dtype == np.dtype(inputs)
     assert native.cpu_kernels(np.float32, np.int16) is None  # no module for that pairing: NumPy does it
+
+
+def test_each_engine_runs_with_its_own_choice_of_threads(blas_threads):
+    """The thread count is the process's: an engine that chose one thread leaves it so for another."""
+    a, b = native.BlasThreads(), native.BlasThreads()
+    a._set(1)
+    b.engage()
+    assert blas_threads.num_threads == 2 and b.current == 2
+    a.engage()
+    assert blas_threads.num_threads == 1

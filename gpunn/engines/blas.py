@@ -216,6 +216,7 @@ class BlasEngine(Engine):
         next_rows = None if next_rows is None else self.local_rows(next_rows)[0]
         J, errors = 0.0, None
         if rows.shape[0]:
+            self.threads.engage()
             started = time.perf_counter()
             p = self.plan(self.data, rows.shape[0])
             p.gather(rows, next_rows)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy
 
 from ..backend import import_cupy
+from ..model import param_views, weight_mask
 from ..optim import AdamHyper, SGDHyper, unsupported
 from .base import EVAL_CHUNK, Engine
 
@@ -167,8 +168,8 @@ class FusedEngine(Engine):
         self.gemm = gemm if gemm is not None else self._matmul
         self.flat = xp.zeros(P + 2, dtype=net.dtype)  # [∇J, J, errors]: one allreduce
         self.grad = self.flat[:P]
-        self.grads = [(W, b) for W, b in _views(self.grad, net)]
-        self.decay = xp.asarray(_weight_flags(net))
+        self.grads = param_views(self.grad, net.sizes)
+        self.decay = xp.asarray(weight_mask(net.sizes, numpy.uint8))  # 1 at the weights: decay applies
         self.step_params = xp.zeros((self.max_steps, 2), dtype=net.dtype)  # per iteration (see kernels.cu)
         self.buffers: dict[int, _Buffers] = {}
         self.eval_buffers: dict = {}
@@ -336,16 +337,3 @@ class _Evaluation:
         for c, rows in enumerate(self.chunks):
             b = self.buffers[rows.stop - rows.start]
             self.engine._forward(self.data, self.rows[rows], b, gemm, 1.0, self.out[c])
-
-
-def _views(flat, net):
-    from ..model import param_views
-
-    return param_views(flat, net.sizes)
-
-
-def _weight_flags(net) -> numpy.ndarray:
-    """θ-shaped uint8: 1 at the weights (weight decay applies), 0 at the offsets."""
-    from ..model import weight_mask
-
-    return weight_mask(net.sizes, numpy.uint8)
