@@ -265,3 +265,10 @@ def test_a_checkpoint_of_gpunn_0_1_is_named_as_such(checkpoint_bytes, tmp_path):
     rewrite_meta(checkpoint_bytes, path, lambda m: {**m, "format": "gpunn-checkpoint-1"})
     with pytest.raises(gpunn.CheckpointError, match=r"written by gpunn 0\.1"):
         load_checkpoint(path)
+
+
+def test_a_working_folder_that_takes_no_writes_is_one_line(digits_dir):
+    """The default --out is runs/… below the working folder; /proc takes no new folders (as a read-only
+    mount does: running as root, this test cannot make one by permissions)."""
+    result = run_script(*SMALL, "--epochs", "1", "--data-dir", digits_dir, cwd="/proc")
+    assert_one_line_error(result, 1, "cannot create --out runs/")
