@@ -188,9 +188,13 @@ def fit(
     comm = comm if comm is not None else get_communicator("auto", net.device)
     if comm.size > 1 and not net.device.is_cuda:
         share_cores(comm)
-    if not isinstance(engine, Engine):
-        if engine not in ENGINE_NAMES:
-            raise ValueError(f"unknown engine {engine!r}; choose from {list(ENGINE_NAMES)}")
+    if isinstance(engine, Engine):
+        made_for = (engine.net, engine.optimizer, engine.data)
+        if any(a is not b for a, b in zip(made_for, (net, optimizer, train))):
+            raise ValueError("the engine was made for another network, optimizer or training set")
+    elif engine not in ENGINE_NAMES:
+        raise ValueError(f"unknown engine {engine!r}; choose from {list(ENGINE_NAMES)}")
+    else:
         engine = make_engine(engine, net, optimizer, train, comm)
     history = History() if history is None else history
     if comm.size > 1:  # every rank starts from rank 0's parameters

@@ -281,3 +281,11 @@ def test_the_progress_bars_show_training_cost_and_error_beside_validation(capsys
     )  # regression, no validation
     assert bars.epochs.postfix == "cost=0.4321"
     bars.close()
+
+
+def test_an_engine_made_for_other_work_is_refused():
+    net = gpunn.MLP([2, 3])
+    data = DeviceDataset(net, np.zeros((4, 2)), np.zeros(4, int))
+    engine = XpEngine(net, gpunn.SGD(net), data)
+    with pytest.raises(ValueError, match="the engine was made for another network, optimizer or"):
+        gpunn.fit(net, np.zeros((4, 2)), np.zeros(4, int), engine=engine, progress=False)
