@@ -31,7 +31,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-import filelock
 import numpy
 import numpy.lib.format
 
@@ -222,6 +221,9 @@ class RunLock:
         self.folder = Path(folder)
         self.lock_path = self.folder / LOCK_FILE
         self.owner_path = self.folder / OWNER_FILE
+        import filelock  # here, not at import: `import gpunn` needs only NumPy
+
+        self._timeout = filelock.Timeout
         # thread_local=False: a run may release from another thread (a signal handler, a finalizer).
         self._lock = filelock.FileLock(self.lock_path, blocking=False, thread_local=False)
         self._held = False
@@ -239,7 +241,7 @@ class RunLock:
             raise RunFolderError(f"cannot lock the run folder {display_path(self.folder)}: no such folder")
         try:
             self._lock.acquire(blocking=False)
-        except filelock.Timeout:
+        except self._timeout:
             raise RunFolderError(self._in_use_message()) from None
         except OSError as exc:
             where = display_path(self.folder)

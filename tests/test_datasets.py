@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pooch
 import pytest
 
 import gpunn
@@ -144,6 +143,8 @@ def test_a_damaged_cached_file_is_downloaded_again(tmp_path, server):
 
 
 def test_the_user_sees_a_bar_and_no_pooch_log(tmp_path, server, capfd):
+    import pooch  # here, as gpunn.datasets imports it: only where a download is made
+
     level = pooch.get_logger().level
     url, gz = publish(server, "m")
     fetch(toy([url], gz, by_content=True), tmp_path / "cache", progress=True)  # no known_hash: most chatty
