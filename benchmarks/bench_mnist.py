@@ -317,7 +317,7 @@ def _blas_threads():
 # --- main ----------------------------------------------------------------------------------------
 
 
-PEERS = {"pytorch": None, "pytorch-compiled": TorchCompiledRun, "jax-jit": JaxJitRun, "jax-scan": JaxScanRun}
+PEERS = {run.name: run for run in (TorchRun, TorchCompiledRun, JaxJitRun, JaxScanRun)}
 
 
 def main(argv=None) -> int:
@@ -383,8 +383,7 @@ def main(argv=None) -> int:
         peers = []
         for name in args.peers:
             try:
-                make = PEERS[name] or TorchRun
-                peers.append(make(device, train, val, hidden, 0, args.epochs))
+                peers.append(PEERS[name](device, train, val, hidden, 0, args.epochs))
             except ImportError as exc:
                 log(f"  {name} left out: {exc}")
         ours = [GpunnRun(device, train, val, hidden, 0, engine) for engine in args.engines]

@@ -29,6 +29,7 @@ import ctypes
 import functools
 import importlib
 import os
+import re
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -193,14 +194,30 @@ _CPU_MODULES = {  # (float type, stored input type) -> the extension module setu
     (numpy.dtype(numpy.float32), numpy.dtype(numpy.float32)): "_cpu_float_float32",
     (numpy.dtype(numpy.float64), numpy.dtype(numpy.float64)): "_cpu_double_float64",
 }
-_CPU_SIGNATURES = {  # C parameter lists of the kernels the CPU engine calls (R: REAL, P: pointer)
-    "gather_rows": "PPPiiPiPPi",
-    "activation_rows": "Piiii",
-    "activation_slope": "PPiiii",
-    "loss_rows": "PPPPiiiRPPP",
-    "sum_rows": "PPidP",
-}
+_CPU_FUNCTIONS = ("gather_rows", "activation_rows", "activation_slope", "loss_rows", "sum_rows")
 _cpu_kernels: dict = {}
+KERNELS = Path(__file__).with_name("engines") / "kernels.cu"
+_DECLARATION = re.compile(r'extern "C" (__global__ )?void (\w+)\(([^)]*)\)')
+
+
+def kernel_signatures(source: str | None = None, host: bool = False) -> dict[str, list[str]]:
+    """{function: [parameter C type, …]} as kernels.cu declares them: its CUDA kernels, or with
+    ``host=True`` every function the CPU build exports (the kernels and the host functions)."""
+    source = KERNELS.read_text() if source is None else source
+    return {
+        name: [" ".join(param.split()[:-1]) for param in params.split(",")]
+        for is_kernel, name, params in _DECLARATION.findall(source)
+        if is_kernel or host
+    }
+
+
+def ctype_of(c_type: str, real):
+    """The ctypes type of a kernels.cu parameter (``real``: the ctypes type REAL stands for)."""
+    if c_type.endswith("*"):
+        return ctypes.c_void_p
+    return {"int": ctypes.c_int, "long long": ctypes.c_longlong, "double": ctypes.c_double, "REAL": real}[
+        c_type
+    ]
 
 
 def cpu_kernels(dtype, input_dtype):
@@ -223,11 +240,11 @@ def _load_cpu_kernels(dtype, input_dtype):
     except (ImportError, OSError):
         return None
     real = ctypes.c_float if dtype == numpy.float32 else ctypes.c_double
-    kinds = {"P": ctypes.c_void_p, "i": ctypes.c_int, "d": ctypes.c_double, "R": real}
+    signatures = kernel_signatures(host=True)
     functions = {}
-    for function, params in _CPU_SIGNATURES.items():
+    for function in _CPU_FUNCTIONS:
         f = getattr(library, function)
-        f.argtypes, f.restype = [kinds[k] for k in params], None
+        f.argtypes, f.restype = [ctype_of(t, real) for t in signatures[function]], None
         functions[function] = f
     return type(name, (), {**functions, "input_dtype": input_dtype})
 

@@ -26,7 +26,6 @@ static gpunn_emulated_dim threadIdx, blockIdx, blockDim, gridDim;
 #define __device__
 #define __forceinline__ inline
 """
-CTYPES = {"int": ctypes.c_int, "long long": ctypes.c_longlong, "double": ctypes.c_double}
 
 
 def build(dtype, input_dtype, folder: Path) -> ctypes.CDLL:
@@ -82,8 +81,7 @@ class EmulatedKernels:
         for name, types in self.signatures.items():
             f = getattr(self.lib, f"emulate_{name}")
             f.argtypes = [ctypes.c_longlong, ctypes.c_longlong] + [
-                ctypes.c_void_p if t.endswith("*") else real_ctype if t == "REAL" else CTYPES[t]
-                for t in types
+                native.ctype_of(t, real_ctype) for t in types
             ]
             f.restype = None
 

@@ -23,17 +23,16 @@ grid (tests/cuda_emulation.py), against the reference, for every task, activatio
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 
 import numpy
 
 from ..backend import import_cupy
 from ..model import param_views, weight_mask
+from ..native import KERNELS, kernel_signatures
 from ..optim import AdamHyper, SGDHyper, unsupported
 from .base import EVAL_CHUNK, Engine
 
-SOURCE = Path(__file__).with_name("kernels.cu")
+SOURCE = KERNELS
 ACT_CODES = {"identity": 0, "relu": 1, "sigmoid": 2, "tanh": 3}
 TASK_CODES = {"classification": 0, "regression": 1, "binary": 2}
 INPUT_TYPES = {  # stored input dtype -> its C type in kernels.cu (INPUT)
@@ -54,16 +53,6 @@ IMPLEMENTS = {
 BLOCK = 256
 MAX_BLOCKS = 4096
 MAX_STEPS = 100  # iterations per ``run`` (and per CUDA graph)
-_SIGNATURE = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)')
-
-
-def kernel_signatures(source: str | None = None) -> dict[str, list[str]]:
-    """{kernel name: [parameter C type, …]} as declared in kernels.cu."""
-    source = SOURCE.read_text() if source is None else source
-    return {
-        name: [" ".join(param.split()[:-1]) for param in params.split(",")]
-        for name, params in _SIGNATURE.findall(source)
-    }
 
 
 def scalar_type(c_type: str, real):
