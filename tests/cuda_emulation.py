@@ -10,6 +10,7 @@ import ctypes
 import functools
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import numpy as np
 from gpunn import native
 from gpunn.engines import fused
 
+_GRID = threading.Lock()  # ranks simulated by threads (tests/fake_comm.py) launch concurrently
 HEADER = r"""
 #include <cmath>
 using std::exp; using std::log; using std::log1p; using std::sqrt; using std::tanh;
@@ -105,7 +107,8 @@ class EmulatedKernels:
                 values.append(value.ctypes.data)
             else:
                 values.append(value.item())
-        getattr(self.lib, f"emulate_{name}")(fused.grid(count), fused.BLOCK, *values)
+        with _GRID:  # the emulated grid indices are globals of the library: one launch at a time
+            getattr(self.lib, f"emulate_{name}")(fused.grid(count), fused.BLOCK, *values)
 
 
 class EmulatedKernelSets:
