@@ -277,15 +277,14 @@ class _Run:
         train, val = load_idx_dataset(folder, self.cfg.num_classes)
         self.title = datasets.get(self.dataset).title if self.dataset else f"IDX data in {folder.name}"
         self.net = self.cfg.network(train.X.shape[1], self.device)
-        self.optimizer = self.cfg.make_optimizer(self.net)
-        self.history = History()
-        if self.checkpoint is not None:
+        if self.checkpoint is None:
+            self.optimizer, self.history = self.cfg.make_optimizer(self.net), History()
+        else:
             try:
                 self.net.load_state(self.checkpoint.params)
             except (KeyError, ValueError) as exc:
                 raise CheckpointError(f"the checkpoint does not fit this data: {exc}") from None
-            self.optimizer = self.checkpoint.make_optimizer(self.net)
-            self.history = self.checkpoint.history
+            self.optimizer, self.history = self.checkpoint.make_optimizer(self.net), self.checkpoint.history
         self.train_set = DeviceDataset(self.net, train.X, train.y, PIXEL_SCALE)
         self.val_set = DeviceDataset(self.net, val.X, val.y, PIXEL_SCALE)
         self.out = args.out or _fresh_run_dir(self.dataset or "idx")
