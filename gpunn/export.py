@@ -20,14 +20,13 @@ The batch dimension is symbolic ("n"), so one file serves any number of rows.
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 import numpy
 
 from .backend import to_numpy
-from .errors import GpunnError, WriteError
+from .errors import GpunnError
+from .files import write_atomic
 
 # Opset 13 is the oldest in which every operator emitted here has its present definition (Softmax over
 # one axis rather than over a flattened 2-D view, Squeeze taking its axes as an input), and it is
@@ -136,23 +135,6 @@ def export_onnx(net, path, opset: int | None = None) -> Path:
     helper.set_model_props(model, {"gpunn.sizes": arch, "gpunn.activation": act, "gpunn.task": task})
     onnx.checker.check_model(model, full_check=True)
     path = Path(path)
-    _write_bytes(path, model.SerializeToString())
+    data = model.SerializeToString()
+    write_atomic(path, lambda f: f.write(data))
     return path
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then os.replace."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        # os.open with 0o666 lets the umask decide the mode, as for any new file (mkstemp gives 0600)
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -238,7 +238,7 @@ def test_the_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, onnx):
     def fail(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("gpunn.export.os.replace", fail)
+    monkeypatch.setattr("gpunn.files.os.replace", fail)
     with pytest.raises(WriteError, match=r"cannot write .*net\.onnx: No space left on device"):
         export_onnx(make_net("regression", "relu", 2, "float64", seed=9), path)
     assert path.read_bytes() == new
