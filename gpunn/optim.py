@@ -259,8 +259,13 @@ OPTIMIZERS = {cls.name: cls for cls in (SGD, Adam)}
 OPTIMIZER_NAMES = {cls.Hyper: cls.name for cls in (SGD, Adam)}
 
 
-def make_optimizer(net: MLP, name: str = "sgd", **hyper) -> Optimizer:
-    """The optimizer called ``name`` ("sgd" or "adam") for ``net``; ValueError for anything else."""
+def make_optimizer(net: MLP, name: str = "sgd", momentum: float = 0.0, **hyper) -> Optimizer:
+    """The optimizer called ``name`` ("sgd" or "adam") for ``net`` with these hyperparameters;
+    ValueError for anything else, momentum (an SGD option) given to another optimizer among them."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {list(OPTIMIZERS)}")
+    if name == "sgd":
+        hyper["momentum"] = momentum
+    elif momentum:
+        raise ValueError(f"momentum is an SGD option; {name!r} has none")
     return OPTIMIZERS[name](net, **hyper)

@@ -26,7 +26,7 @@ import numpy
 from .backend import to_numpy
 from .data import DeviceDataset
 from .distributed import get_communicator, share_cores
-from .engines import ENGINE_NAMES, Engine, make_engine
+from .engines import Engine, make_engine
 from .errors import DivergenceError
 from .layers import ACTIVATIONS
 from .losses import LOSSES
@@ -171,13 +171,7 @@ def fit(
             raise ValueError("the optimizer was made for another network")
     else:
         hyper = {"lr": lr} if lr is not None else {}
-        if optimizer == "sgd":
-            hyper.update(momentum=momentum, weight_decay=weight_decay)
-        elif momentum:
-            raise ValueError(f"momentum is an SGD option; {optimizer!r} has none")
-        else:
-            hyper.update(weight_decay=weight_decay)
-        optimizer = make_optimizer(net, optimizer, **hyper)
+        optimizer = make_optimizer(net, optimizer, momentum=momentum, weight_decay=weight_decay, **hyper)
     schedule = Schedule(
         optimizer.lr,
         lr_schedule,
@@ -192,10 +186,8 @@ def fit(
         made_for = (engine.net, engine.optimizer, engine.data)
         if any(a is not b for a, b in zip(made_for, (net, optimizer, train))):
             raise ValueError("the engine was made for another network, optimizer or training set")
-    elif engine not in ENGINE_NAMES:
-        raise ValueError(f"unknown engine {engine!r}; choose from {list(ENGINE_NAMES)}")
     else:
-        engine = make_engine(engine, net, optimizer, train, comm)
+        engine = make_engine(engine, net, optimizer, train, comm)  # ValueError for an unknown name
     history = History() if history is None else history
     if comm.size > 1:  # every rank starts from rank 0's parameters
         comm.broadcast(net.theta)
@@ -441,10 +433,9 @@ class Config:
         return MLP(self.sizes(inputs), self.activation, "classification", device, self.seed, self.dtype)
 
     def make_optimizer(self, net: MLP) -> Optimizer:
-        hyper = {"lr": self.lr, "weight_decay": self.weight_decay}
-        if self.optimizer == "sgd":
-            hyper["momentum"] = self.momentum
-        return make_optimizer(net, self.optimizer, **hyper)
+        return make_optimizer(
+            net, self.optimizer, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
 
     def fit_options(self) -> dict:
         """The keyword arguments of ``fit`` this recipe sets."""
