@@ -47,6 +47,9 @@ class Engine:
             raise ValueError(reason)
         self.net, self.optimizer, self.data = net, optimizer, data
         self.comm = comm if comm is not None else SingleProcess()
+        P = net.num_params
+        self.flat = net.xp.zeros(P + 2, dtype=net.dtype)  # [∇J, J, errors]: one allreduce sums all
+        self.grad = self.flat[:P]
         self.records = net.xp.zeros((self.max_steps, 2), dtype=numpy.float64)  # (J, errors) per step
 
     def run(self, order, first: int, count: int, batch_size: int, lrs):
@@ -83,6 +86,16 @@ class Engine:
         m, r = rows.shape[0], self.comm.rank
         lo, hi = r * m // size, (r + 1) * m // size
         return rows[lo:hi], (hi - lo) / max(m, 1)
+
+    def sum_over_ranks(self, J, errors, share: float):
+        """(J, errors) of the whole mini-batch from this rank's part of it: the gradient (in ``grad``),
+        the cost weighted by the rank's ``share`` and the error count (None: regression) travel in
+        ``flat`` and are summed over the ranks by one allreduce."""
+        P = self.net.num_params
+        self.flat[P] = J * share
+        self.flat[P + 1] = 0 if errors is None else errors
+        self.comm.allreduce(self.flat)
+        return self.flat[P], (None if self.net.task == "regression" else self.flat[P + 1])
 
     def my_chunks(self, n: int, chunk: int) -> list[slice]:
         return my_chunks(n, chunk, self.comm)

@@ -198,9 +198,6 @@ class BlasEngine(Engine):
         super().__init__(net, optimizer, data, comm)
         folds = unsupported(optimizer.hyper, {SGDHyper: {"lr"}}) is None  # plain SGD
         self.gradient_mode = not folds or self.comm.size > 1
-        P = net.num_params
-        self.flat = numpy.empty(P + 2, dtype=net.dtype)  # [∇J, J, errors]: one allreduce
-        self.grad = self.flat[:P]
         self.plans: dict[tuple, _Plan] = {}
         self.threads = native.BlasThreads()
 
@@ -227,10 +224,7 @@ class BlasEngine(Engine):
         elif self.gradient_mode:  # this rank's slice is empty: it adds nothing to the sum
             self.grad.fill(0)
         if self.comm.size > 1:
-            P = self.net.num_params
-            self.flat[P], self.flat[P + 1] = J * share, (0 if errors is None else errors)
-            self.comm.allreduce(self.flat)
-            J, errors = float(self.flat[P]), (None if self.net.task == "regression" else self.flat[P + 1])
+            J, errors = self.sum_over_ranks(J, errors, share)
         if self.gradient_mode:
             self.optimizer.step(self.grad, lr)
         return J, errors

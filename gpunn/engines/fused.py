@@ -150,13 +150,11 @@ class FusedEngine(Engine):
     def __init__(self, net, optimizer, data, comm=None, kernels=None, gemm=None):
         self.emulated = kernels is not None
         super().__init__(net, optimizer, data, comm)
-        xp, P = net.xp, net.num_params
+        xp = net.xp
         self.make_kernels = kernels if kernels is not None else make_cuda_kernels
         self.kernel_sets: dict = {}
         self.kernels = self.kernels_for(data)  # compiled now: a failure shows when the engine is made
         self.gemm = gemm if gemm is not None else self._matmul
-        self.flat = xp.zeros(P + 2, dtype=net.dtype)  # [∇J, J, errors]: one allreduce
-        self.grad = self.flat[:P]
         self.grads = param_views(self.grad, net.sizes)
         self.decay = xp.asarray(weight_mask(net.sizes, numpy.uint8))  # 1 at the weights: decay applies
         self.step_params = xp.zeros((self.max_steps, 2), dtype=net.dtype)  # per iteration (see kernels.cu)

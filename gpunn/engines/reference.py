@@ -22,9 +22,6 @@ class XpEngine(Engine):
 
     def __init__(self, net, optimizer, data, comm=None):
         super().__init__(net, optimizer, data, comm)
-        P = net.num_params
-        self.flat = net.xp.empty(P + 2, dtype=net.dtype)  # [∇J, J, errors]: one allreduce
-        self.grad = self.flat[:P]
         self.batches: dict[int, tuple] = {}
         self.eval_buffers: dict = {}
 
@@ -35,7 +32,7 @@ class XpEngine(Engine):
         return self.batches[n]
 
     def step(self, rows, lr, next_rows=None):
-        net, P = self.net, self.net.num_params
+        net = self.net
         rows, share = self.local_rows(rows)
         errors = None
         if rows.shape[0]:
@@ -47,10 +44,7 @@ class XpEngine(Engine):
             J = 0.0
             self.grad.fill(0)
         if self.comm.size > 1:
-            self.flat[P] = J * share
-            self.flat[P + 1] = 0 if errors is None else errors
-            self.comm.allreduce(self.flat)
-            J, errors = self.flat[P], (None if net.task == "regression" else self.flat[P + 1])
+            J, errors = self.sum_over_ranks(J, errors, share)
         self.optimizer.step(self.grad, lr)
         return J, errors
 
