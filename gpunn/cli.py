@@ -25,11 +25,11 @@ from pathlib import Path
 
 from . import datasets
 from .checkpoint import Checkpoint, load_checkpoint, read_saved, save_checkpoint
-from .commands import Parser, UsageError, device_name, no_matplotlib, run_command, with_notices
+from .commands import Parser, UsageError, device_name, plot_history, run_command, with_notices
 from .commands import device as cli_device
 from .data import PIXEL_SCALE, DeviceDataset, load_idx_dataset, load_split, resolve_data_dir
 from .distributed import get_communicator
-from .engines import ENGINE_NAMES
+from .engines import ENGINE_NAMES, make_engine
 from .engines.reference import evaluate
 from .errors import CheckpointError, DivergenceError, RunFolderError, WriteError
 from .files import RunLock, display_path, reason_of, remove_stale_temporaries, write_atomic
@@ -199,7 +199,7 @@ def config_from_flags(**values) -> Config:
         return Config(**values).check()
     except ValueError as exc:  # "batch_size must be …" -> "--batch-size must be …"
         field, _, rest = str(exc).partition(" ")
-        raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
+        raise UsageError(f"{_flag(field)} {rest}") from None
 
 
 def _train_or_eval(prog: str, parsed) -> int:
@@ -207,7 +207,7 @@ def _train_or_eval(prog: str, parsed) -> int:
     if args.eval_only is not None:
         ignored = sorted(set(explicit) - {"eval_only", "device", "dataset", "data_dir", "no_progress"})
         if ignored:
-            flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+            flags = ", ".join(map(_flag, ignored))
             raise UsageError(f"--eval-only evaluates the saved network as it is; drop {flags}")
         return _evaluate(prog, argparse.Namespace(**vars(args), path=args.eval_only))
     return _Run(prog, args, explicit).execute()
@@ -401,7 +401,8 @@ class _Run:
         if not comm.is_root:
             return 128 + stop.signum if stop.signum else 0
         written = [name for name in RUN_FILES if name != "curves.png"]
-        if _plot(prog, out / "curves.png", self.history, self.net, self.title):
+        arch = f"{'-'.join(map(str, self.net.sizes))} {self.net.activation.name}"
+        if plot_history(prog, out / "curves.png", self.history, f"{self.title}, {arch}"):
             written.append("curves.png")
         if stop.signum:
             print(
@@ -424,8 +425,6 @@ class _Run:
 
 
 def _make_engine(run: _Run, comm):
-    from .engines import make_engine
-
     return make_engine(run.args.engine, run.net, run.optimizer, run.train_set, comm)
 
 
@@ -525,25 +524,6 @@ class _Lines(Callback):
             f"lr {r['lr']:.4g}  {r['time_s']:7.1f} s",
             flush=True,
         )
-
-
-def _plot(prog: str, path: Path, history: History, net, title: str) -> bool:
-    try:
-        from .plots import plot_training_curves
-    except ImportError as exc:
-        if (exc.name or "").startswith("gpunn"):  # a bug of ours, not a missing matplotlib
-            raise
-        no_matplotlib(prog, "curves.png")
-        return False
-    arch = "-".join(map(str, net.sizes))
-    plot_training_curves(
-        path,
-        history.batch_loss,
-        history.batch_error,
-        history.records,
-        f"{title}, {arch} {net.activation.name}",
-    )
-    return True
 
 
 # --- evaluation and export -----------------------------------------------------------------------

@@ -18,6 +18,7 @@ import threading
 import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from .backend import Device, get_device, parse_device
 from .errors import DeviceError, GpunnError
@@ -156,6 +157,20 @@ def device_name(text: str) -> str:
 def device(prog: str, spec: str) -> Device:
     """get_device(spec), its "no GPU, using the CPU" warning printed as a notice."""
     return with_notices(prog, get_device, spec)
+
+
+def plot_history(prog: str, path, history, title: str) -> bool:
+    """The curves of a run's ``history`` (train.History: Figures 6.7/6.8) into the image ``path``;
+    without matplotlib, a notice and False."""
+    try:
+        from .plots import plot_training_curves
+    except ImportError as exc:
+        if (exc.name or "").startswith("gpunn"):  # a bug of ours, not a missing matplotlib
+            raise
+        no_matplotlib(prog, Path(path).name)
+        return False
+    plot_training_curves(path, history.batch_loss, history.batch_error, history.records, title)
+    return True
 
 
 def no_matplotlib(prog: str, filename: str) -> None:

@@ -203,7 +203,7 @@ def _import_mpi(why: str):
             raise DistributedError(f"{why} but mpi4py cannot be imported ({exc}): {_MPI_HINT}") from exc
         raise DistributedError(f"{why} but mpi4py is not installed: {_MPI_HINT}") from exc
     except Exception as exc:  # mpi4py present but its MPI library missing or broken
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        reason = _one_line(exc)
         raise DistributedError(f"{why} but mpi4py cannot be imported ({reason}): {_MPI_HINT}") from exc
     return MPI
 
@@ -287,7 +287,7 @@ def _import_nccl():
         # cupy.cuda exposes its NCCL binding only once the submodule has been imported.
         nccl = importlib.import_module(f"{cupy.__name__}.cuda.nccl")
     except Exception as exc:
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        reason = _one_line(exc)
         raise DistributedError(f"communicator 'nccl' cannot import CuPy's NCCL binding ({reason})") from exc
     if not getattr(nccl, "available", False):
         raise DistributedError(

@@ -22,11 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
 from gpunn.cli import config_from_flags
-from gpunn.commands import Parser, device_name, no_matplotlib, run_command
+from gpunn.commands import Parser, device_name, plot_history, run_command
 from gpunn.commands import device as cli_device
 from gpunn.data import load_idx_dataset, resolve_data_dir
 from gpunn.files import display_path, write_atomic
-from gpunn.train import Config, History, iterations_per_epoch
+from gpunn.train import Config, iterations_per_epoch
 
 PROG = "reproduce_book.py"
 # (name, hidden widths, figure file, figure number, the lecture's final validation error in %)
@@ -131,7 +131,7 @@ def _run(args) -> int:
             }
         )
         title = f"{figure}: {name} ({arch}) on MNIST, γ = {cfg.lr}, n_b = {cfg.batch_size}"
-        _plot(args.out / filename, history, title)
+        plot_history(PROG, args.out / filename, history, title)
 
     table = results_table(rows)
     if args.quick:
@@ -143,15 +143,6 @@ def _run(args) -> int:
     wall = sum(r["wall_time"] for r in rows)
     print(f"(wrote results.md, {figures} in {display_path(args.out)}; wall time {wall:.1f} s)")
     return 0
-
-
-def _plot(path: Path, history: History, title: str) -> None:
-    try:
-        from gpunn.plots import plot_training_curves
-    except ImportError:
-        no_matplotlib(PROG, path.name)
-        return
-    plot_training_curves(path, history.batch_loss, history.batch_error, history.records, title)
 
 
 if __name__ == "__main__":
