@@ -50,7 +50,7 @@ from peers import JaxJitRun, JaxScanRun, TorchCompiledRun, TorchRun
 import gpunn
 from gpunn.commands import HelpFormatter
 from gpunn.data import PIXEL_SCALE, DeviceDataset, load_idx_dataset, resolve_data_dir
-from gpunn.engines import make_engine
+from gpunn.engines import ENGINE_NAMES, make_engine
 
 MODELS = {"784-200-10": [200], "784-10": []}
 PAUSE_S = 0.2  # between epochs on the CPU, so the last contestant's idle threads stop spinning
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--engines",
         nargs="+",
-        choices=["auto", "xp", "blas", "fused", "graph"],
+        choices=list(ENGINE_NAMES),
         default=["auto"],
         help="gpunn engines to time",
     )

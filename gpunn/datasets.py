@@ -218,30 +218,27 @@ class _Mismatch(ValueError):
     """A file fails its check (a ValueError, which pooch lets through after deleting its temporary)."""
 
 
+def _sha256(stream) -> str:
+    """SHA-256 of everything ``stream`` (a binary file) yields, read a MiB at a time."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
+
 def _content_sha256(path: str | Path) -> str:
     """SHA-256 of the decompressed content of the gzip file ``path``; _Mismatch if it is no gzip."""
-    digest = hashlib.sha256()
     try:
         with gzip.open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+            return _sha256(f)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise _Mismatch(f"checksum mismatch: not a complete gzip file ({exc})") from None
-    return digest.hexdigest()
 
 
 def _check_content(path: str | Path, expected: str) -> None:
     got = _content_sha256(path)
     if got != expected:
         raise _Mismatch(f"checksum mismatch (content sha256 {got[:12]}…, expected {expected[:12]}…)")
-
-
-def _file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _passes(path: Path, dataset: Dataset, fname: str) -> bool:
@@ -252,7 +249,8 @@ def _passes(path: Path, dataset: Dataset, fname: str) -> bool:
         if dataset.content_sha256:
             _check_content(path, dataset.content_sha256[fname])
             return True
-        return _file_sha256(path) == dataset.sha256[fname]
+        with open(path, "rb") as f:
+            return _sha256(f) == dataset.sha256[fname]
     except _Mismatch:
         return False
     except OSError as exc:

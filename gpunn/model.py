@@ -25,6 +25,11 @@ TASKS = tuple(LOSSES)
 DTYPES = ("float32", "float64")
 
 
+def theta_size(sizes) -> int:
+    """The number of parameters, Σ_l U_l (U_{l-1} + 1): the length of θ (6.17)."""
+    return sum(u * (u_prev + 1) for u_prev, u in itertools.pairwise(sizes))
+
+
 def augmented_views(flat, sizes) -> list:
     """Split a θ-shaped flat vector into [[W^(1) b^(1)], …]: each layer's weights and offsets as one
     (U_l, U_{l-1} + 1) column-major view. (6.17) stores vec(W^(l)) and then b^(l), so b^(l) is the
@@ -51,7 +56,7 @@ def flatten(pairs):
 def weight_mask(sizes, dtype=numpy.float64) -> numpy.ndarray:
     """A θ-shaped host vector: 1 at the entries of every W^(l), 0 at the offsets b^(l) (weight decay
     applies to the weights only)."""
-    mask = numpy.zeros(sum(u * (p + 1) for p, u in itertools.pairwise(sizes)), dtype=dtype)
+    mask = numpy.zeros(theta_size(sizes), dtype=dtype)
     for W, _ in param_views(mask, sizes):
         W[...] = 1
     return mask
@@ -65,7 +70,7 @@ def init_theta(sizes, activation: str, seed: int, dtype) -> numpy.ndarray:
     the variance of Z^(l) near that of the layer's input.
     """
     rng = numpy.random.default_rng(seed)
-    theta = numpy.zeros(sum(u * (p + 1) for p, u in itertools.pairwise(sizes)), dtype=numpy.float64)
+    theta = numpy.zeros(theta_size(sizes), dtype=numpy.float64)
     layers = param_views(theta, sizes)
     for l, (W, _b) in enumerate(layers):
         gain = 2.0 if activation == "relu" and l < len(layers) - 1 else 1.0
