@@ -32,8 +32,6 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +44,8 @@ from gpunn.data import PIXEL_SCALE, DeviceDataset, Split, epoch_order, load_idx_
 from gpunn.engines.reference import evaluate
 from gpunn.train import Callback, Config
 
-from helpers import make_digits
+from helpers import assert_one_line_error, make_digits, run_script
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "train_mnist.py"
 CPU = gpunn.get_device("cpu")
 STEPS = 100
 STEP_RTOL = {"float64": 1e-4, "float32": 1e-3}
@@ -151,28 +147,6 @@ def assert_full_fp32(cuda_device) -> None:
     )
 
 
-def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "GPUNN_DATA_DIR"}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), "--no-progress", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *phrases: str) -> None:
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("train_mnist.py: error: "), result.stderr
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-
-
 # --- CPU and GPU agree -----------------------------------------------------------------------------
 
 
@@ -260,19 +234,22 @@ def test_cuda_index_beyond_the_count(cuda_device, digits_dir, tmp_path):
     message = rf"cuda:{count} does not exist; this machine shows {count}: "
     with pytest.raises(gpunn.DeviceError, match=message):
         gpunn.get_device(f"cuda:{count}")
-    result = run_cli("--device", f"cuda:{count}", "--data-dir", digits_dir, "--out", tmp_path / "run")
-    assert_one_line_error(result, f"cuda:{count} does not exist", f"shows {count}")
+    result = run_script(
+        "--device", f"cuda:{count}", "--data-dir", digits_dir, "--out", tmp_path / "run", "--no-progress",
+        timeout=300,
+    )  # fmt: skip
+    assert_one_line_error(result, 1, f"cuda:{count} does not exist", f"shows {count}")
 
 
 @pytest.mark.cuda
 def test_out_of_memory_ends_in_one_line(cuda_device, digits_dir, tmp_path):
     """CuPy's pool, capped at 1 MiB, cannot hold θ and the optimizer's scratch (0.6 MB each in float32)."""
     assert issubclass(cuda_device.xp.cuda.memory.OutOfMemoryError, MemoryError)  # what the CLI catches
-    result = run_cli(
+    result = run_script(
         "--device", "cuda", "--data-dir", digits_dir, "--out", tmp_path / "run", "--epochs", "1",
-        env={"CUPY_GPU_MEMORY_LIMIT": str(1 << 20)},
+        "--no-progress", env={"CUPY_GPU_MEMORY_LIMIT": str(1 << 20)}, timeout=300,
     )  # fmt: skip
-    assert_one_line_error(result, "out of memory")
+    assert_one_line_error(result, 1, "out of memory")
 
 
 # --- the harness itself, on the CPU (no GPU needed: not marked cuda) --------------------------------
