@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 
 def idx_bytes(array: np.ndarray, magic: bytes | None = None, dims=None, extra: bytes = b"") -> bytes:
@@ -62,6 +64,17 @@ def run_script(*args, env=None, timeout=120, command=None, **kwargs) -> subproce
         cwd=kwargs.pop("cwd", ROOT),
         **kwargs,
     )
+
+
+def need(module: str, variable: str, role: str):
+    """``module``, imported; else a skip saying it is missing (``role``: what the tests use it as), or a
+    failure where the environment sets ``variable``=1 (CI, which installs it)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get(variable) == "1":
+            pytest.fail(f"{variable}=1 but {module} is not installed")
+        pytest.skip(f"{module} ({role}) is not installed")
 
 
 def assert_one_line_error(result, code, *phrases, prog="train_mnist.py"):

@@ -3,7 +3,6 @@ MLPs as oracles), Adam (against torch.optim.Adam), predict_proba, save and load,
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
@@ -13,15 +12,9 @@ import gpunn
 from gpunn.checkpoint import save_checkpoint
 from gpunn.optim import Adam
 
+from helpers import need
 
-def need(module: str, variable: str):
-    """The oracle ``module``, or a skip with the reason (a failure where CI sets ``variable``=1)."""
-    try:
-        return pytest.importorskip(module, reason=f"{module} (a test oracle) is not installed")
-    except pytest.skip.Exception:
-        if os.environ.get(variable) == "1":
-            pytest.fail(f"{variable}=1 but {module} is not installed")
-        raise
+ORACLE = "a test oracle"
 
 
 def oracle_fit(model, X, y):
@@ -51,7 +44,7 @@ def tiny_features(n, rng):
     ("make", "classes"), [(lambda n, rng: moons(n, 0.15, rng), 2), (tiny_features, 3)], ids=["moons", "tiny"]
 )
 def test_fit_classifies_as_well_as_scikit_learn(make, classes):
-    sklearn = need("sklearn.neural_network", "GPUNN_REQUIRE_SKLEARN")
+    sklearn = need("sklearn.neural_network", "GPUNN_REQUIRE_SKLEARN", ORACLE)
     rng = np.random.default_rng(0)
     X, y = make(600, rng)
     X_test, y_test = make(2000, rng)
@@ -72,7 +65,7 @@ def test_fit_classifies_as_well_as_scikit_learn(make, classes):
 
 
 def test_fit_regresses_as_well_as_scikit_learn():
-    sklearn = need("sklearn.neural_network", "GPUNN_REQUIRE_SKLEARN")
+    sklearn = need("sklearn.neural_network", "GPUNN_REQUIRE_SKLEARN", ORACLE)
     rng = np.random.default_rng(1)
 
     def make(n):
@@ -95,7 +88,7 @@ def test_fit_regresses_as_well_as_scikit_learn():
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_adam_is_torch_adam_step_for_step(weight_decay):
-    torch = need("torch", "GPUNN_REQUIRE_TORCH")
+    torch = need("torch", "GPUNN_REQUIRE_TORCH", ORACLE)
     rng = np.random.default_rng(2)
     net = gpunn.MLP([5, 4, 3], seed=0, dtype="float64")
     adam = Adam(net, lr=0.01, weight_decay=weight_decay)
@@ -187,8 +180,8 @@ def test_load_refuses_what_is_not_a_gpunn_model(tmp_path):
 
 
 def test_export_onnx_predicts_like_gpunn(tmp_path):
-    need("onnx", "GPUNN_REQUIRE_ONNX")
-    onnxruntime = need("onnxruntime", "GPUNN_REQUIRE_ONNX")
+    need("onnx", "GPUNN_REQUIRE_ONNX", ORACLE)
+    onnxruntime = need("onnxruntime", "GPUNN_REQUIRE_ONNX", ORACLE)
     net = gpunn.MLP([6, 8, 4], seed=3)
     X = np.random.default_rng(6).standard_normal((9, 6)).astype(np.float32)
     net.export_onnx(tmp_path / "net.onnx")

@@ -27,24 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  
 import cpuload
 import peers
 
+from helpers import need
+
 BENCHMARKS = Path(peers.__file__).parent
 
 HIDDEN = [200]
 PEERS = {"jax-jit": "JaxJitRun", "jax-scan": "JaxScanRun", "pytorch-compiled": "TorchCompiledRun"}
 NEEDS = {"jax-jit": "jax", "jax-scan": "jax", "pytorch-compiled": "torch"}
 REQUIRE = {"jax": "GPUNN_REQUIRE_JAX", "torch": "GPUNN_REQUIRE_TORCH"}
+PEER = "a benchmark peer"
 # Inductor's first import runs a deprecated torch.jit decorator of PyTorch's own: not ours to fix.
 INDUCTOR_IMPORT = "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
-
-
-def need(module: str):
-    """``module``, imported; else a skip with the reason, or a failure where it is required."""
-    try:
-        return __import__(module)
-    except ImportError:
-        if os.environ.get(REQUIRE[module]) == "1":
-            pytest.fail(f"{REQUIRE[module]}=1 but {module} is not installed")
-        pytest.skip(f"{module} is not installed (a benchmark peer)")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +50,7 @@ def torch_one_thread():
     """PyTorch on one CPU thread while these tests run: its OpenMP team of one thread per core slows
     down tenfold when another process takes a core of a small shared machine, and the agreement of
     costs does not depend on the thread count."""
-    torch = need("torch")
+    torch = need("torch", REQUIRE["torch"], PEER)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -82,7 +75,7 @@ def torch_reference(mnist, torch_one_thread):
 
 
 def make(name, device, train, val, epochs):
-    need(NEEDS[name])
+    need(NEEDS[name], REQUIRE[NEEDS[name]], PEER)
     try:
         return getattr(peers, PEERS[name])(device, train, val, HIDDEN, 0, epochs)
     except ImportError as exc:  # e.g. a JAX without CUDA on a GPU machine
