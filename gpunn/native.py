@@ -12,8 +12,9 @@ Where no BLAS is found, for other layouts, or for CuPy arrays, the same call run
 matmul instead, and ``available()`` tells which.
 
 CPU kernels: ``cpu_kernels(dtype, input_dtype)`` loads engines/kernels.cu compiled for the CPU (the
-optional extension modules the package's build makes), typed, for the CPU engine; ``prepare`` binds a
-call's arguments once, as ``gemm`` does.
+optional extension modules the package's build makes), typed, for the CPU engine, with the team of
+threads that cuts products and passes over the cores (engines/cpu_team.h); ``prepare`` binds a call's
+arguments once, as ``gemm`` does; ``CpuThreads`` chooses how many threads work.
 
 CUDA: ``CublasGemm`` calls cuBLAS's own cublas<t>gemm_v2 on CuPy's handle, the one product that may
 run while a stream is being captured into a CUDA graph (CuPy's matmul and its cuBLAS binding refuse).
@@ -124,7 +125,7 @@ def _operand(a):
 
 
 def _arguments(found: dict, A, B, C, alpha, beta) -> tuple | None:
-    """(gemm, its ctypes arguments) for C ← α·A·B + β·C on these arrays, or None where BLAS cannot."""
+    """(gemm, its arguments as numbers) for C ← α·A·B + β·C on these arrays, or None where BLAS cannot."""
     if C.flags.f_contiguous and not C.flags.c_contiguous:  # work on Cᵀ = Bᵀ Aᵀ, which is row-major
         A, B, C = B.T, A.T, C.T
     gemm = found.get(C.dtype)
@@ -134,14 +135,17 @@ def _arguments(found: dict, A, B, C, alpha, beta) -> tuple | None:
     (ta, lda), (tb, ldb), (_, ldc) = ops
     m, k, n = A.shape[0], A.shape[1], B.shape[1]
     shape = (_ROW_MAJOR, ta, tb, m, n, k)
-    values = (*shape, alpha, A.ctypes.data, lda, B.ctypes.data, ldb, beta, C.ctypes.data, ldc)
-    return gemm, tuple(kind(v) for kind, v in zip(gemm.argtypes, values))
+    return gemm, (*shape, alpha, A.ctypes.data, lda, B.ctypes.data, ldb, beta, C.ctypes.data, ldc)
+
+
+def _converted(function, values) -> tuple:
+    return tuple(kind(v) for kind, v in zip(function.argtypes, values))
 
 
 def _call(found: dict, A, B, C, alpha, beta=1.0) -> bool:
     bound = _arguments(found, A, B, C, alpha, beta)
     if bound is not None:
-        bound[0](*bound[1])
+        bound[0](*_converted(*bound))
     return bound is not None
 
 
@@ -154,21 +158,29 @@ def available() -> bool:
     return _gemm is not None
 
 
-def gemm(A, B, C, alpha: float = 1.0, beta: float = 0.0) -> Callable[[], None]:
+def gemm(A, B, C, alpha: float = 1.0, beta: float = 0.0, team=None) -> Callable[[], None]:
     """The product C ← α·A·B + β·C on these very arrays, prepared once: returns a function of no
     arguments that runs it. A (m, k), B (k, n), C (m, n) are arrays of one float type, each C- or
     Fortran-ordered (transposed views included); β is 0 (overwrite C) or 1 (accumulate into C).
 
     Where BLAS takes the arrays, the call is one ctypes call with every argument converted in advance
     (about 1 µs of Python, against ~7 µs for converting them each time); elsewhere (no BLAS found,
-    other layouts, CuPy arrays) it is NumPy's matmul. The function holds the arrays' addresses: they
-    must stay where they are (it keeps them alive; write into them, never rebind them).
+    other layouts, CuPy arrays) it is NumPy's matmul. With ``team``, the CPU kernels of the same float
+    type (``cpu_kernels``), the product is cut over their team of threads, each block one
+    single-threaded call of the same BLAS function (cpu_kernels.cpp, ``team_gemm``). The function holds
+    the arrays' addresses: they must stay where they are (it keeps them alive; write into them, never
+    rebind them).
     """
     if beta not in (0.0, 1.0):
         raise ValueError(f"beta must be 0 or 1; got {beta}")
     bound = _arguments(_gemm, A, B, C, alpha, beta) if isinstance(C, numpy.ndarray) and available() else None
-    if bound is not None:
-        call = functools.partial(bound[0], *bound[1])  # holds addresses only: keep the arrays alive
+    if bound is not None and team is not None:
+        function, values = bound
+        address = ctypes.cast(function, ctypes.c_void_p).value
+        wide = function.argtypes[3] is ctypes.c_int64  # 64-bit integers (scipy-openblas)
+        call = prepare(team.team_gemm, address, int(wide), *values)
+    elif bound is not None:
+        call = functools.partial(bound[0], *_converted(*bound))  # holds addresses only: keep the arrays alive
     elif beta:
 
         def call():
@@ -194,9 +206,13 @@ _CPU_MODULES = {  # (float type, stored input type) -> the extension module setu
     (numpy.dtype(numpy.float32), numpy.dtype(numpy.float32)): "_cpu_float_float32",
     (numpy.dtype(numpy.float64), numpy.dtype(numpy.float64)): "_cpu_double_float64",
 }
-_CPU_FUNCTIONS = ("gather_rows", "activation_rows", "activation_slope", "loss_rows", "sum_rows")
+_KERNELS = ("gather_rows", "activation_rows", "activation_slope", "loss_rows")
+_TEAM = ("team_gemm", "team_gather_rows_post", "team_join", "team_threads", "team_share")
+_CPU_FUNCTIONS = (*_KERNELS, "sum_rows", *(f"team_{k}" for k in _KERNELS), *_TEAM)
 _cpu_kernels: dict = {}
+_team = ctypes.c_void_p()  # the address of the process's team of threads, once a module has made it
 KERNELS = Path(__file__).with_name("engines") / "kernels.cu"
+CPU_KERNELS = KERNELS.with_name("cpu_kernels.cpp")  # the CPU build's own functions (the team_ forms)
 _DECLARATION = re.compile(r'extern "C" (__global__ )?void (\w+)\(([^)]*)\)')
 
 
@@ -205,7 +221,7 @@ def kernel_signatures(source: str | None = None, host: bool = False) -> dict[str
     ``host=True`` every function the CPU build exports (the kernels and the host functions)."""
     source = KERNELS.read_text() if source is None else source
     return {
-        name: [" ".join(param.split()[:-1]) for param in params.split(",")]
+        name: [" ".join(param.split()[:-1]) for param in params.split(",") if param.strip()]
         for is_kernel, name, params in _DECLARATION.findall(source)
         if is_kernel or host
     }
@@ -215,15 +231,15 @@ def ctype_of(c_type: str, real):
     """The ctypes type of a kernels.cu parameter (``real``: the ctypes type REAL stands for)."""
     if c_type.endswith("*"):
         return ctypes.c_void_p
-    return {"int": ctypes.c_int, "long long": ctypes.c_longlong, "double": ctypes.c_double, "REAL": real}[
-        c_type
-    ]
+    kinds = {"int": ctypes.c_int, "long long": ctypes.c_longlong, "double": ctypes.c_double, "REAL": real}
+    return kinds[c_type]
 
 
 def cpu_kernels(dtype, input_dtype):
     """engines/kernels.cu compiled for the CPU for this float type and stored input type: a namespace
-    of typed ctypes functions (``.gather_rows``, ``.loss_rows``, …), or None where the package was
-    built without them (no C++ compiler) or for another pairing. Loaded and checked once."""
+    of typed ctypes functions (``.gather_rows``, ``.loss_rows``, …, each kernel's ``team_`` form that
+    runs it on the module's team of threads, ``team_gemm`` and ``team_threads(width)``), or None where
+    the package was built without them (no C++ compiler) or for another pairing. Loaded once."""
     key = (numpy.dtype(dtype), numpy.dtype(input_dtype))
     if key not in _cpu_kernels:
         _cpu_kernels[key] = _load_cpu_kernels(*key)
@@ -240,12 +256,13 @@ def _load_cpu_kernels(dtype, input_dtype):
     except (ImportError, OSError):
         return None
     real = ctypes.c_float if dtype == numpy.float32 else ctypes.c_double
-    signatures = kernel_signatures(host=True)
+    signatures = {**kernel_signatures(host=True), **kernel_signatures(CPU_KERNELS.read_text(), host=True)}
     functions = {}
     for function in _CPU_FUNCTIONS:
         f = getattr(library, function)
         f.argtypes, f.restype = [ctype_of(t, real) for t in signatures[function]], None
         functions[function] = f
+    functions["team_share"](ctypes.addressof(_team))  # one team of threads for every module
     return type(name, (), {**functions, "input_dtype": input_dtype})
 
 
@@ -263,51 +280,72 @@ def prepare(function, *args) -> Callable[[], None]:
     return call
 
 
-# --- BLAS threads --------------------------------------------------------------------------------
+# --- the CPU engine's threads ---------------------------------------------------------------------
 
 
-class BlasThreads:
-    """How many threads NumPy's BLAS uses for the CPU engine, chosen by measuring, so that a busy
-    machine costs time in proportion rather than a collapse.
+class CpuThreads:
+    """How many threads the CPU engine uses, chosen by measuring, so that a busy machine costs time in
+    proportion rather than a collapse.
 
-    OpenBLAS's threads spin while they wait for work. On a quiet machine all cores make the products
-    fastest; when another process takes a core, a BLAS thread that gets descheduled holds up every
-    product for a time slice and an epoch took three to four times as long, where one thread takes
-    less than twice. The engine passes each iteration's duration to ``record`` (what happens between
+    With the CPU kernels (``team``: the module from ``cpu_kernels``), they are the kernels' team
+    (engines/cpu_team.h): every product and element-wise pass is cut over it, and BLAS runs one thread
+    per call while the engine works (``engage``; ``release`` gives BLAS back the count it had).
+    Without them, they are the BLAS library's own threads, as threadpoolctl sets them.
+
+    Threads that wait for work spin. On a quiet machine all cores are fastest; when another process
+    takes a core, a thread that gets descheduled holds up its peers for a time slice, and one thread
+    is faster. The engine passes each iteration's duration to ``record`` (what happens between
     iterations, an evaluation, does not count); after every BLOCK of them the mean is kept for the
     current thread count (the mean, not the median: the cost is in the rare iterations that wait), and
     now and then the other count (all cores, or one) is tried for a block and the faster kept. A trial
     that loses waits twice as long before the next (up to MAX_INTERVAL blocks), one that wins resets
     the wait, and a block much slower than the other count's last is tried against it at once.
 
-    Where the user chose (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, or GPUNN_BLAS_THREADS=N), or BLAS has
-    one thread anyway, nothing changes. OpenBLAS sums some products in an order that depends on its
-    thread count, so on a busy machine the last bits of a run can depend on the load: fix the count
-    with one of those variables for runs that repeat bit for bit."""
+    Where the user chose (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, or GPUNN_BLAS_THREADS=N), that count is
+    used throughout. The team's cut, like OpenBLAS's own threads, sums some products in an order that
+    depends on the count, so on a busy machine the last bits of a run can depend on the load: fix the
+    count with one of those variables for runs that repeat bit for bit."""
 
     BLOCK = 24
     FIRST_INTERVAL, MAX_INTERVAL = 8, 64
     SLOWER = 1.3  # a block this much slower than the other count's last estimate tries it at once
+    MOST_TEAM = 16  # cutting an n_b = 100 product further costs more than it gains
 
-    def __init__(self):
-        self.controllers, self.most = _blas_controllers()
-        self.adaptive = self.most > 1 and not any(
-            os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GPUNN_BLAS_THREADS")
-        )
-        fixed = os.environ.get("GPUNN_BLAS_THREADS", "")
-        if fixed.isdigit() and int(fixed) > 0:
-            self._set(int(fixed))
-        self.current = self.most
+    def __init__(self, team=None):
+        self.team = team
+        self.controllers, blas_most = _blas_controllers()
+        self.most = min(blas_most, self.MOST_TEAM, _cores()) if team is not None else blas_most
+        chosen = any(os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", GPUNN_THREADS))
+        self.adaptive = self.most > 1 and not chosen
+        fixed = os.environ.get(GPUNN_THREADS, "")
+        self.current = int(fixed) if fixed.isdigit() and int(fixed) > 0 else self.most
         self.estimates: dict[int, float] = {}
         self.times: list[float] = []
         self.trial_of = None  # the count a trial left, while one runs
         self.interval, self.blocks = self.FIRST_INTERVAL, 0
-
-    def engage(self) -> None:
-        """Before an iteration: the thread count this engine chose, should another engine have set
-        another (the count is the process's, shared by every engine in it)."""
-        if self.adaptive and _threads_now[0] != self.current:
+        self.restore: list[int] | None = None  # BLAS's counts before ``engage``, while engaged
+        if fixed.isdigit() and int(fixed) > 0 and team is None:
             self._set(self.current)
+
+    def engage(self) -> bool:
+        """Before the engine works: its thread count, should another engine in the process have set
+        another (the counts are the process's), and BLAS on one thread where the team cuts the work.
+        True where this call set BLAS aside (``release`` gives it back)."""
+        engaged = self.team is not None and self.restore is None
+        if engaged:
+            self.restore = [c.num_threads for c in self.controllers]
+            for controller in self.controllers:
+                controller.set_num_threads(1)
+        if _threads_now.get(self._owner()) != self.current:
+            self._set(self.current)
+        return engaged
+
+    def release(self) -> None:
+        """After the engine's work: BLAS's own thread count back as ``engage`` found it."""
+        if self.restore is not None:
+            for controller, count in zip(self.controllers, self.restore):
+                controller.set_num_threads(count)
+            self.restore = None
 
     def record(self, seconds: float) -> None:
         """One more iteration took ``seconds``."""
@@ -337,13 +375,28 @@ class BlasThreads:
             self.trial_of = current
             self._set(other)
 
+    def _owner(self) -> str:
+        return "blas" if self.team is None else "team"
+
     def _set(self, threads: int) -> None:
-        for controller in self.controllers:
-            controller.set_num_threads(threads)
-        self.current = _threads_now[0] = threads
+        if self.team is not None:
+            self.team.team_threads(threads)
+        else:
+            for controller in self.controllers:
+                controller.set_num_threads(threads)
+        self.current = _threads_now[self._owner()] = threads
 
 
-_threads_now = [0]  # the BLAS thread count BlasThreads last set in this process (0: none yet)
+GPUNN_THREADS = "GPUNN_BLAS_THREADS"  # the CPU engine's thread count, where the user fixes it
+_threads_now: dict = {}  # the count CpuThreads last set in this process: BLAS's, and each team's
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _blas_controllers():

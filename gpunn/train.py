@@ -206,6 +206,7 @@ def fit(
     try:
         loop.run(epochs * per_epoch, divergence_factor)
     finally:
+        engine.finish()
         for callback in callbacks:
             callback.close()
     return history

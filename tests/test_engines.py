@@ -220,3 +220,30 @@ def test_an_optimizer_option_no_engine_implements_is_refused_not_ignored():
     net, optimizer, data = small()
     optimizer.hyper = _NewHyper()
     assert "no _NewHyper update" in FusedEngine.kernel_refusal(net, optimizer, data)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_the_cpu_engine_cuts_its_work_over_threads_like_the_reference(monkeypatch, threads):
+    """Mini-batches large enough for the team of threads to cut the products and the element-wise
+    passes (engines/cpu_team.h), the next mini-batch gathered by a worker meanwhile: the reference's
+    run to 1e-10 at either width, and one width's run repeats bit for bit."""
+    if native.cpu_kernels(np.float64, np.uint8) is None:
+        pytest.skip("the package was built without its CPU kernels (no C++ compiler at install time)")
+    monkeypatch.setenv("GPUNN_BLAS_THREADS", threads)
+    rng = np.random.default_rng(3)
+    X, y = rng.integers(0, 256, (1300, 300), dtype=np.uint8), rng.integers(0, 4, 1300)
+
+    def run(make):
+        net = gpunn.MLP([300, 160, 4], "relu", "classification", CPU, seed=1, dtype="float64")
+        train, val = DeviceDataset(net, X, y, 1 / 255), DeviceDataset(net, X[:1100], y[:1100], 1 / 255)
+        optimizer = make_optimizer(net, "sgd", lr=0.05)
+        history = gpunn.fit(
+            net, train, epochs=2, batch_size=256, optimizer=optimizer, validation_data=val, eval_every=3,
+            engine=make(net, optimizer, train), progress=False,
+        )  # fmt: skip
+        return history, net.theta.copy(), None
+
+    got, again, ref = run(BlasEngine), run(BlasEngine), run(XpEngine)
+    assert_same_run(got, ref, rtol=1e-10)
+    assert got[0].batch_loss == again[0].batch_loss
+    np.testing.assert_array_equal(got[1], again[1])

@@ -1,9 +1,11 @@
-"""native.gemm, the prepared C ← αAB + βC that the CPU engine is built from."""
+"""native.gemm, the prepared C ← αAB + βC that the CPU engine is built from, the team of threads that cuts
+it, and the choice of how many threads."""
 
 from __future__ import annotations
 
 import gc
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -103,8 +105,8 @@ def feed(threads, cost, blocks):
         threads.record(cost[threads.current])
 
 
-def test_blas_threads_follow_the_load(blas_threads):
-    threads = native.BlasThreads()
+def test_threads_follow_the_load(blas_threads):
+    threads = native.CpuThreads()
     quiet, busy = {2: 0.6e-3, 1: 1.0e-3}, {2: 3.0e-3, 1: 1.1e-3}
     feed(threads, quiet, 30)
     assert threads.current == 2 and blas_threads.history[:2] == [1, 2]  # one trial of a single thread, lost
@@ -120,9 +122,9 @@ def test_blas_threads_follow_the_load(blas_threads):
 
 
 @pytest.mark.parametrize("variable", ["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GPUNN_BLAS_THREADS"])
-def test_blas_threads_leave_a_users_choice_alone(blas_threads, monkeypatch, variable):
+def test_threads_leave_a_users_choice_alone(blas_threads, monkeypatch, variable):
     monkeypatch.setenv(variable, "2")
-    threads = native.BlasThreads()
+    threads = native.CpuThreads()
     feed(threads, {2: 3.0e-3, 1: 1.0e-3}, 50)
     assert not threads.adaptive and blas_threads.history == ([2] if variable == "GPUNN_BLAS_THREADS" else [])
 
@@ -144,9 +146,90 @@ def test_the_cpu_kernels_were_built(dtype, inputs):
 
 def test_each_engine_runs_with_its_own_choice_of_threads(blas_threads):
     """The thread count is the process's: an engine that chose one thread leaves it so for another."""
-    a, b = native.BlasThreads(), native.BlasThreads()
+    a, b = native.CpuThreads(), native.CpuThreads()
     a._set(1)
     b.engage()
     assert blas_threads.num_threads == 2 and b.current == 2
     a.engage()
     assert blas_threads.num_threads == 1
+
+
+class FakeTeam:
+    def __init__(self):
+        self.widths = []
+
+    def team_threads(self, width):
+        self.widths.append(width)
+
+
+def test_with_the_team_blas_runs_one_thread_while_the_engine_works(blas_threads, monkeypatch):
+    """The team cuts the work; BLAS, called by each of its threads, runs one thread per call and gets
+    its own count back when the engine is done."""
+    monkeypatch.setattr(native, "_cores", lambda: 2)
+    monkeypatch.setattr(native, "_threads_now", {})
+    team = FakeTeam()
+    threads = native.CpuThreads(team)
+    threads.engage()
+    assert blas_threads.num_threads == 1 and team.widths == [2]
+    threads.engage()  # engaged already: nothing changes
+    assert blas_threads.history == [1] and team.widths == [2]
+    feed(threads, {2: 3.0e-3, 1: 1.0e-3}, 3)  # one core is faster now: the team narrows, BLAS stays at 1
+    assert threads.current == 1 and team.widths[-1] == 1 and blas_threads.num_threads == 1
+    threads.release()
+    assert blas_threads.num_threads == 2
+
+
+def _team_kernels(dtype):
+    kernels = native.cpu_kernels(dtype, dtype)
+    if kernels is None:
+        pytest.skip("the package was built without its CPU kernels (no C++ compiler at install time)")
+    return kernels
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("m", "n", "k"), [(100, 200, 785), (200, 785, 100), (1000, 200, 785), (100, 10, 201)]
+)
+def test_the_team_cuts_a_product(rng, dtype, m, n, k):
+    """Blocks of C's rows or columns, each one BLAS call: NumPy's product to rounding at every width,
+    and the same bits whenever the width is the same. Shapes: Example 6.2's products (the last one
+    small enough to run whole)."""
+    kernels = _team_kernels(dtype)
+    A = rng.standard_normal((m, k)).astype(dtype)
+    Bt = rng.standard_normal((n, k)).astype(dtype)  # B = Btᵀ, as the engine passes [W b]ᵀ
+    C0 = rng.standard_normal((m, n)).astype(dtype)
+    results = []
+    try:
+        for width in (1, 2, 3, 2):
+            kernels.team_threads(width)
+            C = C0.copy()
+            native.gemm(A, Bt.T, C, -0.5, 1.0, team=kernels)()
+            results.append(C)
+    finally:
+        kernels.team_threads(1)
+    np.testing.assert_array_equal(results[3], results[1])
+    rtol = 1e-4 if dtype == np.float32 else 1e-12
+    for C in results:
+        np.testing.assert_allclose(C, C0 - 0.5 * (A @ Bt.T), rtol=rtol, atol=rtol * np.sqrt(k))
+
+
+def test_a_forked_child_starts_its_own_team(rng):
+    """The workers do not survive a fork: the child's first job starts new ones, and nothing hangs."""
+    kernels = _team_kernels(np.float64)
+    A, B = rng.standard_normal((300, 400)), rng.standard_normal((400, 300))
+    want = A @ B
+    kernels.team_threads(2)
+    try:
+        C = np.zeros((300, 300))
+        native.gemm(A, B, C, team=kernels)()  # the workers run
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Python 3.12, and JAX where a test imported it: fork of threads
+            pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if the product is right
+            C[:] = 0
+            native.gemm(A, B, C, team=kernels)()
+            os._exit(0 if np.allclose(C, want) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        kernels.team_threads(1)

@@ -7,6 +7,7 @@ data set, and evaluates the network. The loop never knows which engine it talks 
     engine = Engine(net, optimizer, data, comm)
     costs, errors = engine.run(order, first, count, batch_size, lrs)   # count <= engine.max_steps
     cost, error_rate = engine.evaluate(data)
+    engine.finish()                                                      # fit ends, however it ends
 
 Iteration ``first + k`` of an epoch takes the rows ``order[(first+k)·n_b : (first+k+1)·n_b]`` (the
 last of an epoch may be shorter) with learning rate ``lrs[k]``. Under data parallelism (``comm`` of
@@ -69,6 +70,10 @@ class Engine:
         returns (J, misclassified rows or None) of the whole mini-batch. ``next_rows``, the following
         mini-batch's rows where known, is a hint an engine may use to fetch them early."""
         raise NotImplementedError
+
+    def finish(self) -> None:
+        """``fit`` is done with the engine for now (it may call ``run`` again later): wait for anything
+        still running and give back what the engine holds process-wide. Nothing by default."""
 
     def evaluate(self, data, chunk: int = EVAL_CHUNK) -> tuple[float, float | None]:
         """(mean cost J, misclassification rate or None for regression) of the network on the whole of

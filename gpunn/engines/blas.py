@@ -1,14 +1,15 @@
 """The CPU engine ``blas``: each iteration as a fixed list of prepared calls, BLAS for the products and
-the fused kernels of kernels.cu (compiled for the CPU) for everything between them.
+the fused kernels of kernels.cu (compiled for the CPU) for everything between them, on every core.
 
 The mathematics is Algorithm 6.1 and the optimizer's update, as the reference engine runs them. At
 n_b = 100 on a CPU what costs besides the two large products is the number of passes over memory and
 of Python-level calls, so this engine arranges the same arithmetic in fewer of both:
 
-1. Every call is prepared once per mini-batch size on fixed buffers: a product is one ctypes call into
-   NumPy's own BLAS (``native.gemm``), and so is each element-wise pass (``native.cpu_kernels``: the
-   gather, h, h', and each row's cost, error and dZ^(L), from kernels.cu). Where the package was built
-   without those kernels (no C++ compiler), NumPy does the same passes (layers.py, losses.py).
+1. Every call is prepared once per mini-batch size on fixed buffers: a product is one ctypes call (into
+   NumPy's own BLAS, ``native.gemm``, cut over the team of 5.), and so is each element-wise pass
+   (``native.cpu_kernels``: the gather, h, h', and each row's cost, error and dZ^(L), from kernels.cu).
+   Where the package was built without those kernels (no C++ compiler), NumPy does the same passes
+   (layers.py, losses.py).
 2. The offsets ride in the products. (6.17) stores b^(l) right after W^(l)'s last column, so [W b] is
    one view of θ (``model.augmented_views``), and each layer's input carries a constant column:
    Q̃ = [Q c] (n_b, U + 1). Then α Q̃ [W b]ᵀ = α Q Wᵀ + 1 bᵀ when c = 1/α: (6.14) in one call, written
@@ -20,10 +21,16 @@ of Python-level calls, so this engine arranges the same arithmetic in fewer of b
    by one gemm with β = 1 that never writes the gradient out, right after (6.27b) has used the old W.
    Any other optimizer, or several ranks, take the gradient mode: the same gemm with β = 0 writes
    [dW b] into a θ-shaped gradient, the ranks sum it, and the optimizer's own ``step`` updates θ.
-5. BLAS gets as many threads as are fast now (``native.BlasThreads``): all cores on a quiet machine,
-   one when other processes take a core and the spinning of a second BLAS thread would cost more than
-   it gives.
-
+5. Every core works on every pass: with the kernels built, each product and large pass is cut over a
+   team of threads (engines/cpu_team.h; a product into blocks of C's rows or columns, each a
+   single-threaded BLAS call), as many as are fast now (``native.CpuThreads``: all cores on a quiet
+   machine, one when another process takes a core and waiting for a descheduled thread would cost
+   more than it gives). Without the kernels, BLAS's own threads, chosen the same way.
+6. The next mini-batch is gathered while this one computes. Gathering 100 random rows of a data set
+   larger than the cache waits on memory (~60 µs at n_b = 100), so training keeps two plans per
+   mini-batch size and, right after layer 1's forward pass, a worker of the team gathers the next
+   mini-batch into the other plan while this thread does the small products of the layers above
+   (Example 6.2: the 10-unit output layer); the big update of layer 1 joins it.
 The prepared calls hold the addresses of θ's views, so θ must be updated in place (as
 ``MLP.load_state`` and every optimizer do), never replaced.
 """
@@ -81,13 +88,14 @@ class _Plan:
                 Z, dZ = self.Qc[l + 1][:, :-1], (self.dQ[l] if train else None)
                 activate = self._activation(layer.activation, Z)
                 slope = self._slope(layer.activation, dZ, Z) if train else None
-            self.forward.append((native.gemm(Qc, Wb.T, Z, alpha), activate))  # Z = α Q̃ [W b]ᵀ
+            team = engine.team
+            self.forward.append((native.gemm(Qc, Wb.T, Z, alpha, team=team), activate))  # Z = α Q̃ [W b]ᵀ
             if train:
-                to_dQ_prev = native.gemm(dZ, layer.W, self.dQ[l - 1]) if l > 0 else None  # (6.27b)
+                to_dQ_prev = native.gemm(dZ, layer.W, self.dQ[l - 1], team=team) if l > 0 else None  # (6.27b)
                 if targets is None:  # [W b] ← [W b] − α dZᵀ Q̃: (6.27c–d) and the update
-                    descend = native.gemm(dZ.T, Qc, Wb, -alpha, 1.0)
+                    descend = native.gemm(dZ.T, Qc, Wb, -alpha, 1.0, team=team)
                 else:  # [dW db] = α dZᵀ Q̃: (6.27c–d)
-                    descend = native.gemm(dZ.T, Qc, targets[l], alpha, 0.0)
+                    descend = native.gemm(dZ.T, Qc, targets[l], alpha, 0.0, team=team)
                 self.backward.insert(0, (slope, to_dQ_prev, descend))
         self._prepare_loss(net)
         self._prepare_gather(data)
@@ -98,7 +106,7 @@ class _Plan:
         if self.kernels is not None:
             n, U = Z.shape
             return native.prepare(
-                self.kernels.activation_rows, Z, n, U, Z.strides[0] // Z.itemsize, ACT_CODES[h.name]
+                self.kernels.team_activation_rows, Z, n, U, Z.strides[0] // Z.itemsize, ACT_CODES[h.name]
             )
         return lambda: h.forward(numpy, Z, out=Z)
 
@@ -106,7 +114,7 @@ class _Plan:
         if self.kernels is not None:
             n, U = dQ.shape
             ld = Q.strides[0] // Q.itemsize
-            return native.prepare(self.kernels.activation_slope, dQ, Q, n, U, ld, ACT_CODES[h.name])
+            return native.prepare(self.kernels.team_activation_slope, dQ, Q, n, U, ld, ACT_CODES[h.name])
         return lambda: h.backward(numpy, dQ, Q, Q, out=dQ)  # h' read through Q = h(Z), Z's sign kept
 
     def _prepare_loss(self, net) -> None:
@@ -118,26 +126,25 @@ class _Plan:
         self.zeros = numpy.zeros(M, dtype=net.dtype)  # the offsets are in ZL already
         labels, targets = (self.y, None) if net.task == "classification" else (None, self.y)
         self.kernel_loss = native.prepare(
-            self.kernels.loss_rows, self.ZL, self.zeros, labels, targets, n, M, TASK_CODES[net.task],
+            self.kernels.team_loss_rows, self.ZL, self.zeros, labels, targets, n, M, TASK_CODES[net.task],
             self.scale, self.dZL, self.cost, self.wrong,
         )  # fmt: skip
         self.kernel_sum = native.prepare(self.kernels.sum_rows, self.cost, self.wrong, n, 1.0 / n, self.out)
 
     def _prepare_gather(self, data) -> None:
-        self.kernel_gather = None
+        self.kernel_gather = self.kernel_post = None
+        self.posted = False  # ``rows`` were handed to a posted gather (done once the engine joins)
         if self.kernels is not None and data.X.dtype == self.kernels.input_dtype:
             n, p = self.X.shape
             labels = data.y if self.task == "classification" else None
-            self.next = numpy.empty(n, dtype=numpy.int64)
-            self.n_next = ctypes.c_int(0)
-            self.kernel_gather = native.prepare(
-                self.kernels.gather_rows, data.X, labels, self.rows, n, p, self.X, p + 1, self.y, self.next,
-                self.n_next,
-            )  # fmt: skip
+            args = (data.X, labels, self.rows, n, p, self.X, p + 1, self.y)
+            self.kernel_gather = native.prepare(self.kernels.team_gather_rows, *args)
+            self.kernel_post = native.prepare(self.kernels.team_gather_rows_post, *args)
 
-    def gather(self, rows, next_rows=None) -> None:
+    def gather(self, rows) -> None:
         """The rows' inputs (a slice, or indices) into X (beside the constant column, unscaled) and their
-        targets into y; ``next_rows`` (indices), the next mini-batch's, are fetched into the cache."""
+        targets into y."""
+        self.posted = False
         if self.kernel_gather is None:
             self.data.batch(rows, self.X, self.y, self.staging, raw=True)
             return
@@ -145,19 +152,34 @@ class _Plan:
             self.rows[:] = numpy.arange(rows.start, rows.stop)
         else:
             numpy.copyto(self.rows, rows)
-        self.n_next.value = 0 if next_rows is None else min(len(next_rows), self.n)
-        if self.n_next.value:
-            self.next[: self.n_next.value] = next_rows[: self.n_next.value]
         self.kernel_gather()
-        if self.task != "classification":
+        self._gather_targets()
+
+    def post_gather(self, rows) -> None:
+        """Starts gathering ``rows`` (n indices) on a worker of the team, which goes on while the caller
+        does (``holds`` tells a later iteration; the engine joins before it reads them)."""
+        numpy.copyto(self.rows, rows)
+        self.kernel_post()
+        self._gather_targets()
+        self.posted = True
+
+    def holds(self, rows) -> bool:
+        """Whether a posted gather fetched exactly these rows (valid once joined)."""
+        return self.posted and numpy.array_equal(self.rows, rows)
+
+    def _gather_targets(self) -> None:
+        if self.task != "classification":  # the kernel gathers labels only
             numpy.take(self.data.y, self.rows, axis=0, out=self.y, mode="clip")
 
-    def run_forward(self) -> None:
-        """ZL = Z^(L) from the inputs in X: Algorithm 6.1 lines 1–6."""
-        for product, activate in self.forward:
+    def run_forward(self, after_first_layer=None) -> None:
+        """ZL = Z^(L) from the inputs in X: Algorithm 6.1 lines 1–6 (``after_first_layer()`` is called
+        once layer 1 is done)."""
+        for l, (product, activate) in enumerate(self.forward):
             product()
             if activate is not None:
                 activate()
+            if l == 0 and after_first_layer is not None:
+                after_first_layer()
 
     def loss(self, scale: float, grad: bool):
         """(J, misclassified rows or None) of ZL against y (6.19–6.20); dZL = scale·dZ^(L) (6.26)."""
@@ -199,11 +221,24 @@ class BlasEngine(Engine):
         folds = unsupported(optimizer.hyper, {SGDHyper: {"lr"}}) is None  # plain SGD
         self.gradient_mode = not folds or self.comm.size > 1
         self.plans: dict[tuple, _Plan] = {}
-        self.threads = native.BlasThreads()
+        self.team = native.cpu_kernels(net.dtype, net.dtype) if self.use_kernels else None
+        self.threads = native.CpuThreads(self.team)
 
-    def plan(self, data, n: int, train: bool = True) -> _Plan:
-        """The plan for n rows of ``data`` (its input scale and stored type shape the calls)."""
-        key = (n, train, data.scale, data.X.dtype)
+        self.buffer = 0  # which of two plans for the mini-batch size the next iteration uses
+
+    def finish(self) -> None:
+        self.join()
+        self.threads.release()
+
+    def join(self) -> None:
+        """Waits for a posted gather: nothing of the engine's runs once this returns."""
+        if self.team is not None:
+            self.team.team_join()
+
+    def plan(self, data, n: int, train: bool = True, buffer: int = 0) -> _Plan:
+        """The plan for n rows of ``data`` (its input scale and stored type shape the calls); training
+        has two of each size, ``buffer`` 0 and 1, so that one can gather while the other computes."""
+        key = (n, train, data.scale, data.X.dtype, buffer)
         if key not in self.plans:
             self.plans[key] = _Plan(self, data, n, train)
         return self.plans[key]
@@ -215,11 +250,18 @@ class BlasEngine(Engine):
         if rows.shape[0]:
             self.threads.engage()
             started = time.perf_counter()
-            p = self.plan(self.data, rows.shape[0])
-            p.gather(rows, next_rows)
-            p.run_forward()
+            n = rows.shape[0]
+            p = self.plan(self.data, n, buffer=self.buffer)
+            self.join()
+            if not p.holds(rows):
+                p.gather(rows)
+            p.posted = False
+            upcoming = self._upcoming(n, next_rows)
+            p.run_forward(None if upcoming is None else lambda: upcoming.post_gather(next_rows))
             J, errors = p.loss(share if self.gradient_mode else lr, grad=True)
             p.run_backward()
+            if upcoming is not None:
+                self.buffer = 1 - self.buffer
             self.threads.record(time.perf_counter() - started)
         elif self.gradient_mode:  # this rank's slice is empty: it adds nothing to the sum
             self.grad.fill(0)
@@ -229,13 +271,27 @@ class BlasEngine(Engine):
             self.optimizer.step(self.grad, lr)
         return J, errors
 
+    def _upcoming(self, n: int, next_rows) -> _Plan | None:
+        """The other plan, where the next mini-batch (of n rows too) is to be gathered during this
+        iteration: after layer 1's forward pass, by a worker, while this thread does the small products
+        of the layers above (a network with a hidden layer; without one, nothing would overlap)."""
+        if next_rows is None or next_rows.shape[0] != n or self.net.L < 2:
+            return None
+        upcoming = self.plan(self.data, n, buffer=1 - self.buffer)
+        return upcoming if upcoming.kernel_post is not None else None
+
     def evaluate(self, data, chunk: int = EVAL_CHUNK):
         """By the same forward products as training, this rank's chunks, summed over ranks."""
         totals = numpy.zeros(2)
-        for rows in self.my_chunks(data.n, chunk):
-            p = self.plan(data, rows.stop - rows.start, train=False)
-            p.gather(rows)
-            p.run_forward()
-            J, errors = p.loss(1.0, grad=False)
-            totals += (J * p.n, errors or 0)
+        engaged = self.threads.engage()
+        try:
+            for rows in self.my_chunks(data.n, chunk):
+                p = self.plan(data, rows.stop - rows.start, train=False)
+                p.gather(rows)
+                p.run_forward()
+                J, errors = p.loss(1.0, grad=False)
+                totals += (J * p.n, errors or 0)
+        finally:
+            if engaged:  # called on its own, not between iterations of ``fit``
+                self.threads.release()
         return self.finish_evaluation(totals, data.n)

@@ -189,29 +189,34 @@ extern "C" __global__ void adam_update(REAL* theta, const REAL* g, REAL* m, REAL
 
 #ifndef __CUDACC__
 // --- host functions for the CPU engine (engines/blas.py), not compiled for the GPU ------------------
+// The CPU engine runs each of them, and loss_rows, on a team of threads as a grid of one block
+// (engines/cpu_team.h): "thread" threadIdx.x of blockDim.x takes its share of the rows.
+
+// The rows [first, last) of n that this thread takes: a contiguous block, all n on one thread.
+static inline void my_rows(long long n, long long* first, long long* last) {
+    *first = n * threadIdx.x / blockDim.x;
+    *last = n * (threadIdx.x + 1) / blockDim.x;
+}
 
 // Xb[r, c] = X[rows[r], c] (n rows of p, Xb's rows ldx apart: the CPU engine keeps a constant column
-// beside them) and yb[r] = labels[rows[r]] (labels may be null: targets are gathered by NumPy). Then
-// the rows of the next mini-batch, next[0 … n_next), are asked into the cache, so that they arrive
-// while this iteration's products run instead of stalling the next gather on memory.
+// beside them) and yb[r] = labels[rows[r]] (labels may be null: targets are gathered by NumPy).
 extern "C" void gather_rows(const INPUT* X, const int* labels, const long long* rows, int n, int p,
-                            REAL* Xb, int ldx, int* yb, const long long* next, int n_next) {
-    for (int r = 0; r < n; ++r) {
+                            REAL* Xb, int ldx, int* yb) {
+    long long first, last;
+    my_rows(n, &first, &last);
+    for (long long r = first; r < last; ++r) {
         const INPUT* source = X + rows[r] * (long long)p;
         REAL* target = Xb + (long long)r * ldx;
         for (int c = 0; c < p; ++c) target[c] = (REAL)source[c];
         if (labels) yb[r] = labels[rows[r]];
     }
-    const long long bytes = (long long)p * sizeof(INPUT);
-    for (int r = 0; r < n_next; ++r) {
-        const char* row = (const char*)(X + next[r] * (long long)p);
-        for (long long b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 1);
-    }
 }
 
 template <int ACT>
 static void activation_rows_of(REAL* Z, int n, int U, int ld) {
-    for (int r = 0; r < n; ++r) {
+    long long first, last;
+    my_rows(n, &first, &last);
+    for (long long r = first; r < last; ++r) {
         REAL* z = Z + (long long)r * ld;
         for (int j = 0; j < U; ++j) z[j] = act_forward(z[j], ACT);
     }
@@ -226,7 +231,9 @@ extern "C" void activation_rows(REAL* Z, int n, int U, int ld, int act) {
 
 template <int ACT>
 static void activation_slope_of(REAL* dQ, const REAL* Q, int n, int U, int ldq) {
-    for (int r = 0; r < n; ++r) {
+    long long first, last;
+    my_rows(n, &first, &last);
+    for (long long r = first; r < last; ++r) {
         REAL* d = dQ + (long long)r * U;
         const REAL* q = Q + (long long)r * ldq;
         for (int j = 0; j < U; ++j) d[j] *= act_slope(q[j], ACT);
