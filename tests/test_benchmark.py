@@ -58,3 +58,15 @@ def test_benchmark_help_shows_only_real_defaults():
         text=True,
     )
     assert result.returncode == 0 and "(default: None)" not in result.stdout
+
+
+def test_ab_of_two_checkouts_runs_both_and_pairs_them(mnist_dir):
+    """benchmarks/ab_trees.py, here with this checkout against itself on 784→10: both processes run the
+    CPU engine, every epoch is timed, and the paired ratio of a checkout to itself is near 1."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "ab_trees.py"), str(ROOT), str(ROOT)]
+    command += ["--data-dir", str(mnist_dir), "--rounds", "2", "--hidden", ""]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(" blas\n") == 2  # each process says which gpunn and engine it runs
+    ratio = float(result.stdout.rsplit("paired ratio B / A:", 1)[1])
+    assert 0.5 < ratio < 2.0
