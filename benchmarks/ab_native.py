@@ -6,7 +6,9 @@ against SciPy's well-kept binding, ``scipy.linalg.blas.?gemm`` with ``overwrite_
 Measures, in one process, (1) the Python cost of one call on a 1×1 product, and (2) whole epochs of
 Example 6.2 (784-200-10, n_b = 100) with the blas engine built on each binding, alternating A and B
 epoch by epoch, each epoch timed alone; prints medians and the paired ratio B/A. SciPy loads a second
-OpenBLAS (its own thread pool) beside NumPy's: that is part of what is measured.
+OpenBLAS (its own thread pool) beside NumPy's: that is part of what is measured. Since 2026-12-02 the
+ctypes products are cut over the CPU kernels' team of threads and SciPy's are not, so the ratio also
+measures the team (benchmarks/README.md has the figures of both).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from gpunn.data import PIXEL_SCALE, DeviceDataset, load_idx_dataset, resolve_dat
 from gpunn.engines.blas import BlasEngine
 
 
-def scipy_gemm(A, B, C, alpha: float = 1.0, beta: float = 0.0):
-    """native.gemm's contract through scipy.linalg.blas: C ← αAB + βC in place, prepared once."""
+def scipy_gemm(A, B, C, alpha: float = 1.0, beta: float = 0.0, team=None):
+    """native.gemm's contract through scipy.linalg.blas: C ← αAB + βC in place, prepared once (one call
+    on SciPy's own threads: ``team`` is not used)."""
     from scipy.linalg import blas
 
     if not C.flags.f_contiguous:  # work on Cᵀ = Bᵀ Aᵀ, which is Fortran-ordered

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +236,17 @@ def test_a_forked_child_starts_its_own_team(rng):
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         kernels.team_threads(1)
+
+
+def test_the_team_runs_every_piece_once_under_a_stress(tmp_path):
+    """engines/cpu_team.h compiled into tests/team_stress.cpp: 200 000 random jobs, posted jobs, joins
+    and resizes, each piece counted; a lost wake-up or a miscounted job hangs into the timeout."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler here (the CPU kernels need one at install time too)")
+    engines, program = Path(native.__file__).parent / "engines", tmp_path / "team_stress"
+    source = Path(__file__).with_name("team_stress.cpp")
+    build = [compiler, "-O2", "-std=c++14", "-pthread", f"-I{engines}", str(source), "-o", str(program)]
+    subprocess.run(build, check=True, capture_output=True, timeout=120)
+    result = subprocess.run([str(program), "200000"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout
