@@ -238,7 +238,7 @@ def ctype_of(c_type: str, real):
 def cpu_kernels(dtype, input_dtype):
     """engines/kernels.cu compiled for the CPU for this float type and stored input type: a namespace
     of typed ctypes functions (``.gather_rows``, ``.loss_rows``, …, each kernel's ``team_`` form that
-    runs it on the module's team of threads, ``team_gemm`` and ``team_threads(width)``), or None where
+    runs it on the process's team of threads, ``team_gemm`` and ``team_threads(width)``), or None where
     the package was built without them (no C++ compiler) or for another pairing. Loaded once."""
     key = (numpy.dtype(dtype), numpy.dtype(input_dtype))
     if key not in _cpu_kernels:
