@@ -138,14 +138,10 @@ def _arguments(found: dict, A, B, C, alpha, beta) -> tuple | None:
     return gemm, (*shape, alpha, A.ctypes.data, lda, B.ctypes.data, ldb, beta, C.ctypes.data, ldc)
 
 
-def _converted(function, values) -> tuple:
-    return tuple(kind(v) for kind, v in zip(function.argtypes, values))
-
-
 def _call(found: dict, A, B, C, alpha, beta=1.0) -> bool:
     bound = _arguments(found, A, B, C, alpha, beta)
     if bound is not None:
-        bound[0](*_converted(*bound))
+        prepare(bound[0], *bound[1])()
     return bound is not None
 
 
@@ -180,7 +176,7 @@ def gemm(A, B, C, alpha: float = 1.0, beta: float = 0.0, team=None) -> Callable[
         wide = function.argtypes[3] is ctypes.c_int64  # 64-bit integers (scipy-openblas)
         call = prepare(team.team_gemm, address, int(wide), *values)
     elif bound is not None:
-        call = functools.partial(bound[0], *_converted(*bound))  # holds addresses only: keep the arrays alive
+        call = prepare(bound[0], *bound[1])  # holds addresses only: keep the arrays alive
     elif beta:
 
         def call():
@@ -318,13 +314,15 @@ class CpuThreads:
         chosen = any(os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", GPUNN_THREADS))
         self.adaptive = self.most > 1 and not chosen
         fixed = os.environ.get(GPUNN_THREADS, "")
-        self.current = int(fixed) if fixed.isdigit() and int(fixed) > 0 else self.most
+        fixed = int(fixed) if fixed.isdigit() and int(fixed) > 0 else None
+        self.current = fixed or self.most
+        self.owner = "blas" if team is None else "team"  # whose count ``_threads_now`` keeps
         self.estimates: dict[int, float] = {}
         self.times: list[float] = []
         self.trial_of = None  # the count a trial left, while one runs
         self.interval, self.blocks = self.FIRST_INTERVAL, 0
         self.restore: list[int] | None = None  # BLAS's counts before ``engage``, while engaged
-        if fixed.isdigit() and int(fixed) > 0 and team is None:
+        if fixed and team is None:
             self._set(self.current)
 
     def engage(self) -> bool:
@@ -336,7 +334,7 @@ class CpuThreads:
             self.restore = [c.num_threads for c in self.controllers]
             for controller in self.controllers:
                 controller.set_num_threads(1)
-        if _threads_now.get(self._owner()) != self.current:
+        if _threads_now.get(self.owner) != self.current:
             self._set(self.current)
         return engaged
 
@@ -375,16 +373,13 @@ class CpuThreads:
             self.trial_of = current
             self._set(other)
 
-    def _owner(self) -> str:
-        return "blas" if self.team is None else "team"
-
     def _set(self, threads: int) -> None:
         if self.team is not None:
             self.team.team_threads(threads)
         else:
             for controller in self.controllers:
                 controller.set_num_threads(threads)
-        self.current = _threads_now[self._owner()] = threads
+        self.current = _threads_now[self.owner] = threads
 
 
 GPUNN_THREADS = "GPUNN_BLAS_THREADS"  # the CPU engine's thread count, where the user fixes it

@@ -91,15 +91,16 @@ extern "C" void team_gemm(const void* gemm, int wide, int order, int ta, int tb,
     (void)order;
     auto call = wide ? gemm_call<long long> : gemm_call<int>;
     const bool by_rows = m > n;
-    const long long span = by_rows ? m : n, unit = ALIGNMENT;
-    if (m * n * k < SMALL_PRODUCT || span < 2 * unit) {
+    const long long span = by_rows ? m : n, tiles = span / ALIGNMENT;
+    if (m * n * k < SMALL_PRODUCT || tiles < 2) {
         call(gemm, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
     on_team(SMALL_PASS, [&] {
-        const long long blocks = span / unit, p = threadIdx.x, pieces = blockDim.x;
-        const long long first = blocks * p / pieces * unit;
-        const long long last = p == pieces - 1 ? span : blocks * (p + 1) / pieces * unit;
+        long long first, last;
+        my_rows(tiles, &first, &last);  // this thread's tiles; the last thread's takes the rest of C too
+        first *= ALIGNMENT;
+        last = last == tiles ? span : last * ALIGNMENT;
         if (first >= last) return;
         if (by_rows) {
             const REAL* Ap = ta == NO_TRANS ? A + first * lda : A + first;

@@ -72,8 +72,7 @@ class Team {
         }
         const uint64_t generation = publish([](void* f, int p, int n) { (*static_cast<F*>(f))(p, n); }, &piece,
                                             width_);
-        claim_pieces(generation);
-        wait_until([&] { return done_.load(std::memory_order_acquire) == pieces_; }, true);
+        finish(generation);
     }
 
     // job() on a worker while the caller goes on, until ``join``: one job at a time, and the caller
@@ -100,8 +99,7 @@ class Team {
     void join_posted() {
         adopt_after_fork();
         if (posted_generation_ == 0) return;
-        claim_pieces(posted_generation_);
-        wait_until([&] { return done_.load(std::memory_order_acquire) == pieces_; }, true);
+        finish(posted_generation_);
         posted_generation_ = 0;
     }
 
@@ -118,6 +116,12 @@ class Team {
             wake_.notify_all();
         }
         return generation;
+    }
+
+    // The caller's end of the current job: the pieces no worker took, then the wait for the others.
+    void finish(uint64_t generation) {
+        claim_pieces(generation);
+        wait_until([&] { return done_.load(std::memory_order_acquire) == pieces_; }, true);
     }
 
     // Runs unclaimed pieces of job ``generation`` until none is left. The ticket holds the job's
