@@ -77,6 +77,19 @@ def need(module: str, variable: str, role: str):
         pytest.skip(f"{module} ({role}) is not installed")
 
 
+def need_cpu_kernels(dtype, inputs):
+    """gpunn's CPU kernels for this float type and stored input type; else a skip (the package was
+    built without a C++ compiler), or a failure where GPUNN_REQUIRE_CPU_KERNELS=1 (CI, which builds them)."""
+    from gpunn import native
+
+    kernels = native.cpu_kernels(dtype, inputs)
+    if kernels is None:
+        if os.environ.get("GPUNN_REQUIRE_CPU_KERNELS") == "1":
+            pytest.fail("GPUNN_REQUIRE_CPU_KERNELS=1 but the package was built without its CPU kernels")
+        pytest.skip("the package was built without its CPU kernels (no C++ compiler at install time)")
+    return kernels
+
+
 def assert_one_line_error(result, code, *phrases, prog="train_mnist.py"):
     assert result.returncode == code, result.stderr
     lines = result.stderr.strip().splitlines()

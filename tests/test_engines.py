@@ -19,6 +19,8 @@ from gpunn.engines.blas import BlasEngine
 from gpunn.engines.reference import XpEngine
 from gpunn.optim import make_optimizer
 
+from helpers import need_cpu_kernels
+
 CPU = gpunn.get_device("cpu")
 FAST = [name for name in REGISTRY if name != "xp"] + ["blas-numpy"]
 SIZES = {"classification": [12, 8, 4], "regression": [12, 8, 3], "binary": [12, 8, 1]}
@@ -227,8 +229,7 @@ def test_the_cpu_engine_cuts_its_work_over_threads_like_the_reference(monkeypatc
     """Mini-batches large enough for the team of threads to cut the products and the element-wise
     passes (engines/cpu_team.h), the next mini-batch gathered by a worker meanwhile: the reference's
     run to 1e-10 at either width, and one width's run repeats bit for bit."""
-    if native.cpu_kernels(np.float64, np.uint8) is None:
-        pytest.skip("the package was built without its CPU kernels (no C++ compiler at install time)")
+    need_cpu_kernels(np.float64, np.uint8)
     monkeypatch.setenv("GPUNN_BLAS_THREADS", threads)
     rng = np.random.default_rng(3)
     X, y = rng.integers(0, 256, (1300, 300), dtype=np.uint8), rng.integers(0, 4, 1300)

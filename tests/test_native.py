@@ -15,6 +15,8 @@ import pytest
 
 from gpunn import native
 
+from helpers import need_cpu_kernels
+
 
 def test_numpy_blas_is_found_here():
     # NumPy's wheels carry OpenBLAS; if this fails, the CPU engine is not used (make_step says why).
@@ -138,11 +140,7 @@ def test_threads_leave_a_users_choice_alone(blas_threads, monkeypatch, variable)
 def test_the_cpu_kernels_were_built(dtype, inputs):
     """kernels.cu compiled for the CPU by the package's build (setup.py); where no C++ compiler was
     there the CPU engine runs its passes in NumPy (tests/test_engines.py checks both)."""
-    kernels = native.cpu_kernels(dtype, inputs)
-    if kernels is None:
-        if os.environ.get("GPUNN_REQUIRE_CPU_KERNELS") == "1":
-            pytest.fail("GPUNN_REQUIRE_CPU_KERNELS=1 but the package was built without its CPU kernels")
-        pytest.skip("the package was built without its CPU kernels (no C++ compiler at install time)")
+    kernels = need_cpu_kernels(dtype, inputs)
     assert kernels.input_dtype == np.dtype(inputs)
     assert native.cpu_kernels(np.float32, np.int16) is None  # no module for that pairing: NumPy does it
 
@@ -182,13 +180,6 @@ def test_with_the_team_blas_runs_one_thread_while_the_engine_works(blas_threads,
     assert blas_threads.num_threads == 2
 
 
-def _team_kernels(dtype):
-    kernels = native.cpu_kernels(dtype, dtype)
-    if kernels is None:
-        pytest.skip("the package was built without its CPU kernels (no C++ compiler at install time)")
-    return kernels
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     ("m", "n", "k"), [(100, 200, 785), (200, 785, 100), (1000, 200, 785), (100, 10, 201)]
@@ -197,7 +188,7 @@ def test_the_team_cuts_a_product(rng, dtype, m, n, k):
     """Blocks of C's rows or columns, each one BLAS call: NumPy's product to rounding at every width,
     and the same bits whenever the width is the same. Shapes: Example 6.2's products (the last one
     small enough to run whole)."""
-    kernels = _team_kernels(dtype)
+    kernels = need_cpu_kernels(dtype, dtype)
     A = rng.standard_normal((m, k)).astype(dtype)
     Bt = rng.standard_normal((n, k)).astype(dtype)  # B = Btᵀ, as the engine passes [W b]ᵀ
     C0 = rng.standard_normal((m, n)).astype(dtype)
@@ -218,7 +209,7 @@ def test_the_team_cuts_a_product(rng, dtype, m, n, k):
 
 def test_a_forked_child_starts_its_own_team(rng):
     """The workers do not survive a fork: the child's first job starts new ones, and nothing hangs."""
-    kernels = _team_kernels(np.float64)
+    kernels = need_cpu_kernels(np.float64, np.float64)
     A, B = rng.standard_normal((300, 400)), rng.standard_normal((400, 300))
     want = A @ B
     kernels.team_threads(2)
