@@ -488,6 +488,8 @@ class _MetricsLog(Callback):
 class _StopFlag(Callback):
     """Turns SIGINT/SIGTERM into a request to stop after the current stretch (restored on exit)."""
 
+    per_iteration = False  # the run stops after the current stretch (at most 100 iterations)
+
     def __init__(self, prog: str):
         self.prog, self.signum = prog, 0
         self._previous = {}
@@ -497,7 +499,7 @@ class _StopFlag(Callback):
 
     def _handle(self, signum, frame):
         if not self.signum:
-            print(f"\n{self.prog}: stopping after this step…", file=sys.stderr)
+            print(f"\n{self.prog}: stopping after the current iterations…", file=sys.stderr)
         self.signum = signum
 
     def __enter__(self):

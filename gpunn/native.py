@@ -31,7 +31,6 @@ import functools
 import importlib
 import os
 import re
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -116,11 +115,12 @@ def _self_test(found: dict) -> bool:
 
 def _operand(a):
     """(transpose flag, leading dimension) of a 2-D array as row-major BLAS sees it, or None."""
-    size = a.itemsize
-    if a.strides[1] == size and a.strides[0] >= max(1, a.shape[1]) * size:
-        return _NO_TRANS, a.strides[0] // size
-    if a.strides[0] == size and a.strides[1] >= max(1, a.shape[0]) * size:
-        return _TRANS, a.strides[1] // size
+    size, (rows, cols) = a.itemsize, a.shape
+    # a single row's (column's) own stride is free: NumPy gives a one-row view of a matrix odd strides
+    if (a.strides[1] == size or cols <= 1) and (rows <= 1 or a.strides[0] >= max(1, cols) * size):
+        return _NO_TRANS, a.strides[0] // size if rows > 1 else max(1, cols)
+    if (a.strides[0] == size or rows <= 1) and (cols <= 1 or a.strides[1] >= max(1, rows) * size):
+        return _TRANS, a.strides[1] // size if cols > 1 else max(1, rows)
     return None
 
 
@@ -136,6 +136,21 @@ def _arguments(found: dict, A, B, C, alpha, beta) -> tuple | None:
     m, k, n = A.shape[0], A.shape[1], B.shape[1]
     shape = (_ROW_MAJOR, ta, tb, m, n, k)
     return gemm, (*shape, alpha, A.ctypes.data, lda, B.ctypes.data, ldb, beta, C.ctypes.data, ldc)
+
+
+def _team_arguments(function, values) -> tuple:
+    """team_gemm's arguments for a bound CBLAS call: the function's address, whether its integers are
+    64-bit (scipy-openblas), then the call's own."""
+    wide = function.argtypes[3] is ctypes.c_int64
+    return (ctypes.cast(function, ctypes.c_void_p).value, int(wide), *values)
+
+
+def team_gemm_arguments(A, B, C, alpha: float = 1.0, beta: float = 0.0) -> tuple | None:
+    """team_gemm's arguments (address, wide, order, ta, tb, m, n, k, α, A, lda, B, ldb, β, C, ldc) for
+    ``gemm(A, B, C, alpha, beta, team=…)``, as numbers (addresses included), or None where BLAS cannot
+    take these arrays: for callers that hand the call to native code (cpu_train.h). Keep the arrays."""
+    bound = _arguments(_gemm, A, B, C, alpha, beta) if isinstance(C, numpy.ndarray) and available() else None
+    return None if bound is None else _team_arguments(*bound)
 
 
 def _call(found: dict, A, B, C, alpha, beta=1.0) -> bool:
@@ -171,10 +186,7 @@ def gemm(A, B, C, alpha: float = 1.0, beta: float = 0.0, team=None) -> Callable[
         raise ValueError(f"beta must be 0 or 1; got {beta}")
     bound = _arguments(_gemm, A, B, C, alpha, beta) if isinstance(C, numpy.ndarray) and available() else None
     if bound is not None and team is not None:
-        function, values = bound
-        address = ctypes.cast(function, ctypes.c_void_p).value
-        wide = function.argtypes[3] is ctypes.c_int64  # 64-bit integers (scipy-openblas)
-        call = prepare(team.team_gemm, address, int(wide), *values)
+        call = prepare(team.team_gemm, *_team_arguments(*bound))
     elif bound is not None:
         call = prepare(bound[0], *bound[1])  # holds addresses only: keep the arrays alive
     elif beta:
@@ -203,12 +215,13 @@ _CPU_MODULES = {  # (float type, stored input type) -> the extension module setu
     (numpy.dtype(numpy.float64), numpy.dtype(numpy.float64)): "_cpu_double_float64",
 }
 _KERNELS = ("gather_rows", "activation_rows", "activation_slope", "loss_rows")
-_TEAM = ("team_gemm", "team_gather_rows_post", "team_join", "team_threads", "team_share")
+_TEAM = ("team_gemm", "team_gather_rows_post", "team_join", "team_threads", "team_share", "team_train")
 _CPU_FUNCTIONS = (*_KERNELS, "sum_rows", *(f"team_{k}" for k in _KERNELS), *_TEAM)
 _cpu_kernels: dict = {}
 _team = ctypes.c_void_p()  # the address of the process's team of threads, once a module has made it
 KERNELS = Path(__file__).with_name("engines") / "kernels.cu"
 CPU_KERNELS = KERNELS.with_name("cpu_kernels.cpp")  # the CPU build's own functions (the team_ forms)
+CPU_TRAIN = KERNELS.with_name("cpu_train.h")  # and its native stretch of iterations
 _DECLARATION = re.compile(r'extern "C" (__global__ )?void (\w+)\(([^)]*)\)')
 
 
@@ -252,7 +265,9 @@ def _load_cpu_kernels(dtype, input_dtype):
     except (ImportError, OSError):
         return None
     real = ctypes.c_float if dtype == numpy.float32 else ctypes.c_double
-    signatures = {**kernel_signatures(host=True), **kernel_signatures(CPU_KERNELS.read_text(), host=True)}
+    signatures = kernel_signatures(host=True)
+    for source in (CPU_KERNELS, CPU_TRAIN):
+        signatures.update(kernel_signatures(source.read_text(), host=True))
     functions = {}
     for function in _CPU_FUNCTIONS:
         f = getattr(library, function)
@@ -274,6 +289,36 @@ def prepare(function, *args) -> Callable[[], None]:
     call = functools.partial(function, *converted)
     call.arrays = args
     return call
+
+
+@functools.cache
+def train_structures(dtype) -> tuple:
+    """(Product, Layer, Plan): the ctypes forms of engines/cpu_train.h's structures for this float type,
+    which the CPU engine fills for ``team_train``."""
+    real = ctypes.c_float if numpy.dtype(dtype) == numpy.float32 else ctypes.c_double
+    address, number = ctypes.c_void_p, ctypes.c_longlong
+
+    class Product(ctypes.Structure):
+        _fields_ = [("gemm", address), *((f, number) for f in ("wide", "ta", "tb", "m", "n", "k"))]
+        _fields_ += [("A", address), ("lda", number), ("B", address), ("ldb", number), ("C", address)]
+        _fields_ += [("ldc", number), ("alpha", real), ("beta", real)]
+
+        @classmethod
+        def of(cls, arguments):
+            """From ``team_gemm_arguments``'s tuple."""
+            gemm, wide, _, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc = arguments
+            return cls(gemm, wide, ta, tb, m, n, k, A, lda, B, ldb, C, ldc, alpha, beta)
+
+    class Layer(ctypes.Structure):
+        _fields_ = [("forward", Product), ("to_dQ_prev", Product), ("descend", Product)]
+        _fields_ += [("Z", address), ("dQ", address), ("U", number), ("ldz", number), ("act", number)]
+
+    class Plan(ctypes.Structure):
+        _fields_ = [(f, number) for f in ("L", "n", "p", "ldx", "task", "tw", "posted")]
+        _fields_ += [(f, address) for f in ("X", "labels", "targets", "rows", "Xb", "yb", "t", "layers")]
+        _fields_ += [(f, address) for f in ("ZL", "zeros", "dZL", "cost", "wrong", "out")]
+
+    return Product, Layer, Plan
 
 
 # --- the CPU engine's threads ---------------------------------------------------------------------
@@ -318,7 +363,8 @@ class CpuThreads:
         self.current = fixed or self.most
         self.owner = "blas" if team is None else "team"  # whose count ``_threads_now`` keeps
         self.estimates: dict[int, float] = {}
-        self.times: list[float] = []
+        self.times: list[float] = []  # of the block so far, and its iterations
+        self.iterations = 0
         self.trial_of = None  # the count a trial left, while one runs
         self.interval, self.blocks = self.FIRST_INTERVAL, 0
         self.restore: list[int] | None = None  # BLAS's counts before ``engage``, while engaged
@@ -345,14 +391,16 @@ class CpuThreads:
                 controller.set_num_threads(count)
             self.restore = None
 
-    def record(self, seconds: float) -> None:
-        """One more iteration took ``seconds``."""
+    def record(self, seconds: float, iterations: int = 1) -> None:
+        """``iterations`` more iterations took ``seconds`` together."""
         if not self.adaptive:
             return
         self.times.append(seconds)
-        if len(self.times) == self.BLOCK:
-            self._decide(statistics.fmean(self.times))
+        self.iterations += iterations
+        if self.iterations >= self.BLOCK:
+            self._decide(sum(self.times) / self.iterations)
             self.times.clear()
+            self.iterations = 0
 
     def _decide(self, block: float) -> None:
         current = self.current

@@ -13,6 +13,8 @@ def _percent(value) -> str:
 class ProgressBars(Callback):
     """Two bars: epochs done, and iterations of the current epoch; the latest evaluation beside them."""
 
+    per_iteration = False  # the bars may move a stretch of iterations at a time
+
     def __init__(self, total: int, per_epoch: int, start: int):
         from tqdm import tqdm
 

@@ -64,7 +64,16 @@ class Callback:
     """Hooks into ``fit``; override what you need. ``fit`` calls ``on_step`` after every iteration,
     ``on_eval`` with each evaluation's record, ``on_checkpoint`` at every epoch's end and when the run
     stops early (a moment to save), asks ``should_stop`` after every stretch of iterations, and calls
-    ``close`` when it returns or fails."""
+    ``close`` when it returns or fails.
+
+    A stretch is what the engine runs in one go: up to ``max_steps`` iterations (100 on the CPU engine
+    and in CUDA graphs), never across an evaluation or an epoch's end; ``on_step`` is then called for
+    each of its iterations in turn. While a callback that overrides ``on_step`` or ``should_stop`` has
+    ``per_iteration`` True (the default), every stretch is one iteration: it sees θ as each iteration
+    left it, and a stop comes after exactly the iteration it asked for. Set it False where neither
+    matters (a progress bar, a stop on a signal) and the run keeps the engine's full speed."""
+
+    per_iteration: ClassVar[bool] = True
 
     def on_step(self, iteration: int) -> None:
         pass
@@ -236,6 +245,8 @@ class _Loop:
         self.schedule, self.nb, self.eval_every, self.seed = schedule, batch_size, eval_every, seed
         self.history, self.callbacks, self.comm = history, callbacks, comm
         self.per_epoch = iterations_per_epoch(train.n, batch_size)
+        exact = any(_per_iteration(callback) for callback in callbacks)
+        self.stretch = 1 if exact else engine.max_steps  # the most iterations per engine.run
         capacity = eval_every + engine.max_steps
         self.costs = net.xp.zeros(capacity, dtype=numpy.float64)  # since the last fetch, on the device
         self.errors = net.xp.zeros(capacity, dtype=numpy.float64)
@@ -252,7 +263,7 @@ class _Loop:
             epoch, i = divmod(t, self.per_epoch)
             order = self.train.order(self.seed, epoch, nb)
             while i < self.per_epoch:
-                span = min(engine.max_steps, self.eval_every - t % self.eval_every, self.per_epoch - i)
+                span = min(self.stretch, self.eval_every - t % self.eval_every, self.per_epoch - i)
                 costs, errors = engine.run(order, i, span, nb, [self.schedule(t + k) for k in range(span)])
                 self._add(costs, errors, [min(nb, self.train.n - (i + k) * nb) for k in range(span)])
                 for _ in range(span):
@@ -335,6 +346,13 @@ class _Loop:
     def _checkpoint(self) -> None:
         for callback in self.callbacks:
             callback.on_checkpoint(self.history)
+
+
+def _per_iteration(callback: Callback) -> bool:
+    """Whether ``callback`` needs stretches of one iteration (see Callback)."""
+    hooks = ("on_step", "should_stop")
+    overrides = any(getattr(type(callback), hook) is not getattr(Callback, hook) for hook in hooks)
+    return overrides and callback.per_iteration
 
 
 def _check_divergence(h: History, first: int, factor, schedule) -> None:

@@ -22,7 +22,7 @@ from gpunn.optim import make_optimizer
 from helpers import need_cpu_kernels
 
 CPU = gpunn.get_device("cpu")
-FAST = [name for name in REGISTRY if name != "xp"] + ["blas-numpy"]
+FAST = [name for name in REGISTRY if name != "xp"] + ["blas-numpy", "blas-python"]
 SIZES = {"classification": [12, 8, 4], "regression": [12, 8, 3], "binary": [12, 8, 1]}
 OPTIMIZERS = {
     "sgd": {"optimizer": "sgd", "lr": 0.3},
@@ -248,3 +248,30 @@ def test_the_cpu_engine_cuts_its_work_over_threads_like_the_reference(monkeypatc
     assert_same_run(got, ref, rtol=1e-10)
     assert got[0].batch_loss == again[0].batch_loss
     np.testing.assert_array_equal(got[1], again[1])
+
+
+@pytest.mark.parametrize("task", list(SIZES))
+def test_the_native_stretch_is_the_python_sequence_bit_for_bit(engine_factory, monkeypatch, task):
+    """cpu_train.h runs whole stretches of plain SGD (here 12 iterations between evaluations, the
+    partial 13th by ``step``) with the calls _Plan makes from Python one by one: the same bits."""
+    need_cpu_kernels(np.float64, np.uint8)
+    monkeypatch.setenv("GPUNN_BLAS_THREADS", "2")
+    sizes = [12, 9, 7, SIZES[task][-1]]
+    native_run, python_run = (
+        fit_with(
+            engine_factory(name),
+            task,
+            "tanh",
+            "float64",
+            {"optimizer": "sgd", "lr": 0.05},
+            sizes=sizes,
+            eval_every=12,
+        )
+        for name in ("blas", "blas-python")
+    )
+    engine = native_run[2]
+    assert engine.max_steps == 100 and engine.pairs[20] is not None  # the stretches ran natively
+    assert python_run[2].max_steps == 1
+    assert native_run[0].batch_loss == python_run[0].batch_loss
+    assert native_run[0].batch_error == python_run[0].batch_error or task == "regression"
+    np.testing.assert_array_equal(native_run[1], python_run[1])

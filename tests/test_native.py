@@ -51,6 +51,18 @@ def test_transposed_views_and_row_vectors_as_the_engine_passes_them(rng):
     np.testing.assert_allclose(b, want_b, rtol=1e-5, atol=1e-5)
 
 
+def test_a_one_unit_layer_takes_blas_whatever_numpy_says_of_its_row_stride(rng):
+    """[W b] of a binary output layer is a (1, U + 1) view of θ with NumPy's odd row stride: BLAS
+    takes it as the row it is (the native stretch needs every product as a BLAS call)."""
+    theta = rng.standard_normal(11)
+    Wb = np.lib.stride_tricks.as_strided(theta, (1, 11), (8, 8))
+    dZ, Q = rng.standard_normal((20, 1)), rng.standard_normal((20, 11))
+    want = Wb - 0.5 * dZ.T @ Q
+    assert native.team_gemm_arguments(dZ.T, Q, Wb, -0.5, 1.0) is not None
+    native.gemm(dZ.T, Q, Wb, -0.5, 1.0)()
+    np.testing.assert_allclose(Wb, want, rtol=1e-12)
+
+
 def test_the_call_keeps_its_arrays_alive(rng):
     A, B = rng.standard_normal((4, 3)), rng.standard_normal((3, 2))
     want = A @ B

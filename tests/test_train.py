@@ -290,3 +290,50 @@ def test_an_engine_made_for_other_work_is_refused():
     engine = XpEngine(net, gpunn.SGD(net), data)
     with pytest.raises(ValueError, match="the engine was made for another network, optimizer or"):
         gpunn.fit(net, np.zeros((4, 2)), np.zeros(4, int), engine=engine, progress=False)
+
+
+class Quiet(Callback):
+    """Counts iterations but needs neither θ after each one nor a stop at one (a progress bar)."""
+
+    per_iteration = False
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step(self, iteration):
+        self.steps.append(iteration)
+
+
+@pytest.mark.parametrize("stop_after", [None, 24])
+def test_stretches_are_single_iterations_only_for_callbacks_that_need_them(
+    digits, device, monkeypatch, stop_after
+):
+    """The engine's stretches (up to the 7 iterations between evaluations here) with a callback that
+    does not need single iterations, one at a time with one that does; the same run either way, and a
+    stop after exactly the iteration asked for."""
+    monkeypatch.setenv("GPUNN_BLAS_THREADS", "2")  # the CPU's sums depend on the thread count: fix it
+    train, _ = digits
+    runs = []
+
+    def spied(engine, spans):
+        run = engine.run
+        engine.run = lambda order, first, count, *rest: spans.append(count) or run(order, first, count, *rest)
+        return engine
+
+    for callback in (Quiet(), Recorder(stop_after)):
+        net = network(device)
+        optimizer = gpunn.SGD(net, 0.3)
+        data = DeviceDataset(net, train.X, train.y, 1 / 255)
+        spans = []
+        engine = spied(gpunn.engines.make_engine("auto", net, optimizer, data), spans)
+        options = {k: v for k, v in OPTIONS.items() if k != "lr"}
+        history = gpunn.fit(net, data, optimizer=optimizer, engine=engine, callbacks=[callback], **options)
+        runs.append((history, net.theta.copy(), spans, callback.steps))
+    (quiet, theta, spans, steps), (exact, exact_theta, exact_spans, exact_steps) = runs
+    assert set(exact_spans) == {1} and steps == list(range(1, 58))
+    assert max(spans) == min(7, gpunn.engines.make_engine("auto", net, optimizer, data).max_steps)
+    if stop_after is None:
+        assert exact_steps == steps and quiet.batch_loss == exact.batch_loss
+        np.testing.assert_array_equal(gpunn.to_numpy(theta), gpunn.to_numpy(exact_theta))
+    else:
+        assert exact.iteration == 24 and exact_steps == list(range(1, 25))

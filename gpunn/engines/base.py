@@ -57,7 +57,12 @@ class Engine:
         """Iterations first … first + count − 1 of the epoch whose permutation is ``order`` (see the
         module). Returns (costs, errors): (count,) device arrays of each mini-batch's J and number of
         misclassified rows (NaN for regression), valid until the next call."""
-        for k in range(count):
+        return self.run_steps(order, first, count, batch_size, lrs)
+
+    def run_steps(self, order, first: int, count: int, batch_size: int, lrs, done: int = 0):
+        """``run`` by ``step``, from its iteration ``done`` on (an engine ran those before itself and
+        recorded them)."""
+        for k in range(done, count):
             start = (first + k) * batch_size
             upcoming = order[start + batch_size : start + 2 * batch_size]
             J, errors = self.step(order[start : start + batch_size], lrs[k], upcoming)

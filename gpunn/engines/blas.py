@@ -49,6 +49,8 @@ from ..optim import SGDHyper, unsupported
 from .base import EVAL_CHUNK, Engine
 from .fused import ACT_CODES, TASK_CODES
 
+STRETCH = 100  # iterations per ``run`` where they run natively (cpu_train.h)
+
 
 class _Plan:
     """Buffers and prepared calls for mini-batches of ``n`` rows of ``data`` (``train=False``: the
@@ -79,6 +81,7 @@ class _Plan:
         self.dQ = [numpy.empty((n, u), dtype=dtype) for u in sizes[1:-1]] if train else []
         self.work: dict = {}  # the NumPy loss's small buffers
         self.forward, self.backward = [], []  # (product, activate); (slope, to_dQ_prev, descend)
+        self.native, layers = None, []  # cpu_train.h's plan, and each layer's calls for it
         targets = augmented_views(engine.grad, sizes) if engine.gradient_mode else None
         for l, (layer, Wb) in enumerate(zip(net.layers, augmented_views(net.theta, sizes))):
             alpha, Qc = (data.scale if l == 0 else 1.0), self.Qc[l]
@@ -97,8 +100,56 @@ class _Plan:
                 else:  # [dW db] = α dZᵀ Q̃: (6.27c–d)
                     descend = native.gemm(dZ.T, Qc, targets[l], alpha, 0.0, team=team)
                 self.backward.insert(0, (slope, to_dQ_prev, descend))
+                arguments = native.team_gemm_arguments  # the same products, for native code
+                act = -1 if l == L - 1 else ACT_CODES[layer.activation.name]
+                layers.append(
+                    (
+                        arguments(Qc, Wb.T, Z, alpha),
+                        arguments(dZ, layer.W, self.dQ[l - 1]) if l > 0 else (0,) * 16,
+                        arguments(dZ.T, Qc, Wb, -alpha, 1.0) if targets is None else None,
+                        (Z, dZ, Z.shape[1], Z.strides[0] // Z.itemsize, act),
+                    )
+                )
         self._prepare_loss(net)
         self._prepare_gather(data)
+        if train and self.kernel_gather is not None:
+            self._prepare_native(net, data, layers)
+
+    def _prepare_native(self, net, data, layers) -> None:
+        """cpu_train.h's form of this plan (``self.native``), where every call can be made natively:
+        plain SGD (the update folded into the backward pass), targets of the network's float type."""
+        targets = None if self.task == "classification" else data.y
+        if any(None in layer[:3] for layer in layers) or (
+            targets is not None and (targets.dtype != net.dtype or not targets.flags.c_contiguous)
+        ):
+            return
+        Product, Layer, Plan = native.train_structures(net.dtype)
+        self.native_layers = (Layer * len(layers))()
+        for spec, (forward, to_dQ_prev, descend, (Z, dZ, U, ldz, act)) in zip(self.native_layers, layers):
+            spec.forward, spec.to_dQ_prev, spec.descend = map(Product.of, (forward, to_dQ_prev, descend))
+            spec.Z, spec.dQ, spec.U, spec.ldz, spec.act = Z.ctypes.data, dZ.ctypes.data, U, ldz, act
+        n, p = self.X.shape
+        address = lambda a: None if a is None else a.ctypes.data  # noqa: E731
+        labels = data.y if targets is None else None
+        self.native = Plan(
+            L=net.L, n=n, p=p, ldx=p + 1, task=TASK_CODES[net.task], tw=self.y[0].size, posted=0,
+            X=address(data.X), labels=address(labels), targets=address(targets), rows=address(self.rows),
+            Xb=address(self.X), yb=address(self.y), t=address(None if targets is None else self.y),
+            layers=ctypes.addressof(self.native_layers), ZL=address(self.ZL), zeros=address(self.zeros),
+            dZL=address(self.dZL), cost=address(self.cost), wrong=address(self.wrong), out=address(self.out),
+        )  # fmt: skip
+        self.native_arrays = (data.X, data.y, targets)  # alive while the plan holds their addresses
+
+    @property
+    def posted(self) -> bool:
+        """Whether ``rows`` were handed to a posted gather (done once the engine joins)."""
+        return bool(self.native.posted) if self.native is not None else self._posted
+
+    @posted.setter
+    def posted(self, value: bool) -> None:
+        if self.native is not None:
+            self.native.posted = int(value)
+        self._posted = value
 
     # --- the element-wise passes: kernels.cu where built, else NumPy ------------------------------
 
@@ -133,7 +184,7 @@ class _Plan:
 
     def _prepare_gather(self, data) -> None:
         self.kernel_gather = self.kernel_post = None
-        self.posted = False  # ``rows`` were handed to a posted gather (done once the engine joins)
+        self._posted = False
         if self.kernels is not None and data.X.dtype == self.kernels.input_dtype:
             n, p = self.X.shape
             labels = data.y if self.task == "classification" else None
@@ -207,6 +258,7 @@ class BlasEngine(Engine):
 
     name = "blas"
     use_kernels = True  # False: the element-wise passes in NumPy even where the kernels were built
+    use_native = True  # False: the kernels called one by one from Python, never a native stretch
 
     @classmethod
     def supports(cls, net, optimizer, data, comm=None) -> str | None:
@@ -217,14 +269,18 @@ class BlasEngine(Engine):
         return None
 
     def __init__(self, net, optimizer, data, comm=None):
-        super().__init__(net, optimizer, data, comm)
         folds = unsupported(optimizer.hyper, {SGDHyper: {"lr"}}) is None  # plain SGD
-        self.gradient_mode = not folds or self.comm.size > 1
-        self.plans: dict[tuple, _Plan] = {}
+        self.gradient_mode = not folds or (comm is not None and comm.size > 1)
         self.team = native.cpu_kernels(net.dtype, net.dtype) if self.use_kernels else None
+        if self.team is not None and self.use_native and not self.gradient_mode:
+            self.max_steps = STRETCH  # run() hands whole stretches to cpu_train.h
+        super().__init__(net, optimizer, data, comm)
+        self.plans: dict[tuple, _Plan] = {}
         self.threads = native.CpuThreads(self.team)
-
         self.buffer = 0  # which of two plans for the mini-batch size the next iteration uses
+        self.lrs = numpy.zeros(self.max_steps)
+        self.next_buffer = ctypes.c_int(0)
+        self.pairs: dict = {}  # {n: both plans' native forms, for team_train}
 
     def finish(self) -> None:
         self.join()
@@ -242,6 +298,42 @@ class BlasEngine(Engine):
         if key not in self.plans:
             self.plans[key] = _Plan(self, data, n, train)
         return self.plans[key]
+
+    def run(self, order, first: int, count: int, batch_size: int, lrs):
+        """The contract's stretch: its whole mini-batches by cpu_train.h's ``team_train`` where this
+        plan has a native form (plain SGD with the CPU kernels), the rest by ``step``. While the thread
+        count is being chosen, in calls of ``CpuThreads.BLOCK`` iterations, each timed for it."""
+        n, start = batch_size, first * batch_size
+        whole = min(count, (order.shape[0] - start) // n) if self.max_steps > 1 else 0
+        pair = self._native_pair(n) if whole else None
+        if pair is None:
+            return self.run_steps(order, first, count, batch_size, lrs)
+        kernels, plans = pair
+        rows = numpy.ascontiguousarray(order[start:], dtype=numpy.int64)
+        self.lrs[:whole] = lrs[:whole]
+        block = self.threads.BLOCK if self.threads.adaptive else whole
+        for done in range(0, whole, block):
+            iterations = min(block, whole - done)
+            self.threads.engage()
+            started = time.perf_counter()
+            self.next_buffer.value = self.buffer
+            kernels.team_train(
+                plans, ctypes.byref(self.next_buffer), rows[done * n :].ctypes.data, iterations,
+                rows.shape[0] - done * n, self.lrs[done:].ctypes.data, self.records[done:].ctypes.data,
+            )  # fmt: skip
+            self.buffer = self.next_buffer.value
+            self.threads.record(time.perf_counter() - started, iterations)
+        return self.run_steps(order, first, count, batch_size, lrs, done=whole)
+
+    def _native_pair(self, n: int):
+        """(the kernels module, both training plans' native forms) for mini-batches of n rows, or None
+        where a plan has no native form."""
+        if n not in self.pairs:
+            plans = [self.plan(self.data, n, buffer=b) for b in (0, 1)]
+            forms = [p.native for p in plans]
+            pointers = None if None in forms else (ctypes.c_void_p * 2)(*map(ctypes.addressof, forms))
+            self.pairs[n] = None if pointers is None else (plans[0].kernels, pointers)
+        return self.pairs[n]
 
     def step(self, rows, lr, next_rows=None):
         rows, share = self.local_rows(rows)

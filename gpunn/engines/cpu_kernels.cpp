@@ -141,6 +141,8 @@ extern "C" void team_loss_rows(const REAL* Z, const REAL* b, const int* y, const
     on_team((long long)n * M, [&] { loss_rows(Z, b, y, t, n, M, task, scale, dZ, cost, wrong); });
 }
 
+#include "cpu_train.h"
+
 #define GPUNN_CAT(a, b) a##b
 #define GPUNN_INIT(name) GPUNN_CAT(PyInit_, name)
 #define GPUNN_STR(x) #x
