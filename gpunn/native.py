@@ -336,7 +336,8 @@ class CpuThreads:
     Threads that wait for work spin. On a quiet machine all cores are fastest; when another process
     takes a core, a thread that gets descheduled holds up its peers for a time slice, and one thread
     is faster. The engine passes each iteration's duration to ``record`` (what happens between
-    iterations, an evaluation, does not count); after every BLOCK of them the mean is kept for the
+    iterations, an evaluation, does not count); after every BLOCK of them (but the first, which pays
+    for building the engine's buffers) the mean is kept for the
     current thread count (the mean, not the median: the cost is in the rare iterations that wait), and
     now and then the other count (all cores, or one) is tried for a block and the faster kept. A trial
     that loses waits twice as long before the next (up to MAX_INTERVAL blocks), one that wins resets
@@ -364,7 +365,7 @@ class CpuThreads:
         self.owner = "blas" if team is None else "team"  # whose count ``_threads_now`` keeps
         self.estimates: dict[int, float] = {}
         self.times: list[float] = []  # of the block so far, and its iterations
-        self.iterations = 0
+        self.iterations, self.warm = 0, False
         self.trial_of = None  # the count a trial left, while one runs
         self.interval, self.blocks = self.FIRST_INTERVAL, 0
         self.restore: list[int] | None = None  # BLAS's counts before ``engage``, while engaged
@@ -398,7 +399,9 @@ class CpuThreads:
         self.times.append(seconds)
         self.iterations += iterations
         if self.iterations >= self.BLOCK:
-            self._decide(sum(self.times) / self.iterations)
+            if self.warm:
+                self._decide(sum(self.times) / self.iterations)
+            self.warm = True  # the first block builds buffers and faults pages in: not a measure
             self.times.clear()
             self.iterations = 0
 

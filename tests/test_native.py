@@ -125,6 +125,8 @@ def feed(threads, cost, blocks):
 def test_threads_follow_the_load(blas_threads):
     threads = native.CpuThreads()
     quiet, busy = {2: 0.6e-3, 1: 1.0e-3}, {2: 3.0e-3, 1: 1.1e-3}
+    feed(threads, {2: 5e-3}, 1)  # the first block builds the engine: no measure of the threads
+    assert threads.estimates == {}
     feed(threads, quiet, 30)
     assert threads.current == 2 and blas_threads.history[:2] == [1, 2]  # one trial of a single thread, lost
     feed(threads, busy, 2)  # another process takes a core: a block far slower than one thread's last

@@ -34,6 +34,7 @@ namespace {
 // Neither joins a posted job.
 const long long SMALL_PASS = 1LL << 15;
 const long long SMALL_PRODUCT = 1LL << 18;
+const long long LOSS_COST = 8;  // an element of the loss (exp, log, a division) costs several of h's
 
 // f() on every thread of the team, each as thread p of a block of ``pieces``; on this thread alone
 // where the pass covers fewer than SMALL_PASS elements.
@@ -138,7 +139,7 @@ extern "C" void team_activation_slope(REAL* dQ, const REAL* Q, int n, int U, int
 
 extern "C" void team_loss_rows(const REAL* Z, const REAL* b, const int* y, const REAL* t, int n, int M, int task,
                                REAL scale, REAL* dZ, double* cost, double* wrong) {
-    on_team((long long)n * M, [&] { loss_rows(Z, b, y, t, n, M, task, scale, dZ, cost, wrong); });
+    on_team((long long)n * M * LOSS_COST, [&] { loss_rows(Z, b, y, t, n, M, task, scale, dZ, cost, wrong); });
 }
 
 #include "cpu_train.h"

@@ -18,8 +18,8 @@
 // workers behind; the child starts new ones at its first job.
 #pragma once
 
+#include <pthread.h>
 #include <sched.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -184,11 +184,13 @@ class Team {
     }
 
     // In a forked child the workers do not exist: forget them (their handles are left unjoined on
-    // purpose) and start new ones at the same width.
+    // purpose) and start new ones at the same width. A fork is counted by the child's pthread_atfork
+    // handler (``team``), so that every job need not ask the kernel for its process id.
     void adopt_after_fork() {
-        const pid_t pid = getpid();
-        if (pid == owner_) return;
-        if (owner_ != 0 && !workers_.empty()) {
+        const unsigned forks = forks_.load(std::memory_order_relaxed);
+        if (forks == forks_seen_) return;
+        forks_seen_ = forks;
+        if (!workers_.empty()) {
             new std::vector<std::thread>(std::move(workers_));  // never destroyed: a joinable handle's
             workers_.clear();                                  // destructor would end the process
             new (&mutex_) std::mutex();  // a worker may have held them at the fork
@@ -197,7 +199,6 @@ class Team {
             posted_generation_ = 0;  // a posted job went with the workers: its caller joins in vain
             start_workers();
         }
-        owner_ = pid;
     }
 
     void start_workers() {
@@ -207,7 +208,7 @@ class Team {
 
     std::vector<std::thread> workers_;
     int width_ = 1;
-    pid_t owner_ = 0;
+    unsigned forks_seen_ = 0;
     std::function<void()> posted_;
     uint64_t posted_generation_ = 0;  // the posted job's, until joined
     void (*call_)(void*, int, int) = nullptr;
@@ -217,6 +218,11 @@ class Team {
     std::atomic<int> done_{0};
     std::atomic<int> sleepers_{0};
     std::atomic<bool> stopping_{false};
+
+  public:
+    std::atomic<unsigned> forks_{0};  // how often a fork made this process (counted in the child)
+
+  private:
     std::mutex mutex_;  // for sleeping workers
     std::condition_variable wake_;
     std::mutex caller_;  // one caller at a time (threads acting as ranks share the team)
@@ -232,7 +238,10 @@ inline Team*& team_pointer() {
 
 inline Team& team() {
     Team*& the_team = team_pointer();
-    if (the_team == nullptr) the_team = new Team();
+    if (the_team == nullptr) {
+        the_team = new Team();
+        pthread_atfork(nullptr, nullptr, [] { team_pointer()->forks_.fetch_add(1, std::memory_order_relaxed); });
+    }
     return *the_team;
 }
 
