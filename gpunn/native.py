@@ -216,8 +216,10 @@ _CPU_MODULES = {  # (float type, stored input type) -> the extension module setu
 }
 _KERNELS = ("gather_rows", "activation_rows", "activation_slope", "loss_rows")
 _TEAM = ("team_gemm", "team_gather_rows_post", "team_join", "team_threads", "team_share", "team_train")
+_TEAM += ("team_sparse_gather", "team_sparse_forward", "team_sparse_update")
 _CPU_FUNCTIONS = (*_KERNELS, "sum_rows", *(f"team_{k}" for k in _KERNELS), *_TEAM)
 _cpu_kernels: dict = {}
+TEAM_MOST = 64  # the most threads a team has (engines/cpu_team.h, Team::MOST)
 _team = ctypes.c_void_p()  # the address of the process's team of threads, once a module has made it
 KERNELS = Path(__file__).with_name("engines") / "kernels.cu"
 CPU_KERNELS = KERNELS.with_name("cpu_kernels.cpp")  # the CPU build's own functions (the team_ forms)
@@ -293,8 +295,8 @@ def prepare(function, *args) -> Callable[[], None]:
 
 @functools.cache
 def train_structures(dtype) -> tuple:
-    """(Product, Layer, Plan): the ctypes forms of engines/cpu_train.h's structures for this float type,
-    which the CPU engine fills for ``team_train``."""
+    """(Product, Layer, Plan, Sparse): the ctypes forms of engines/cpu_train.h's and cpu_sparse.h's
+    structures for this float type, which the CPU engine fills for ``team_train``."""
     real = ctypes.c_float if numpy.dtype(dtype) == numpy.float32 else ctypes.c_double
     address, number = ctypes.c_void_p, ctypes.c_longlong
 
@@ -316,9 +318,13 @@ def train_structures(dtype) -> tuple:
     class Plan(ctypes.Structure):
         _fields_ = [(f, number) for f in ("L", "n", "p", "ldx", "task", "tw", "posted")]
         _fields_ += [(f, address) for f in ("X", "labels", "targets", "rows", "Xb", "yb", "t", "layers")]
-        _fields_ += [(f, address) for f in ("ZL", "zeros", "dZL", "cost", "wrong", "out")]
+        _fields_ += [(f, address) for f in ("sparse", "WT", "ZL", "zeros", "dZL", "cost", "wrong", "out")]
 
-    return Product, Layer, Plan
+    class Sparse(ctypes.Structure):  # engines/cpu_sparse.h's gpunn_sparse
+        _fields_ = [(f, address) for f in ("count", "input", "value", "start", "row", "row_value")]
+        _fields_ += [("c", real), ("parts", number)]
+
+    return Product, Layer, Plan, Sparse
 
 
 # --- the CPU engine's threads ---------------------------------------------------------------------

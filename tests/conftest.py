@@ -92,6 +92,10 @@ def engine_factory(emulated_kernels):
                 return type("NumpyBlas", (REGISTRY["blas"],), {"use_kernels": False})(
                     net, optimizer, data, comm
                 )
+            if name == "blas-sparse":  # layer 1 on the nonzero inputs whatever their density
+                return type("SparseBlas", (REGISTRY["blas"],), {"use_sparse": True})(
+                    net, optimizer, data, comm
+                )
             if name == "blas-python":  # the kernels called one by one from Python (cpu_train.h unused)
                 return type("PythonBlas", (REGISTRY["blas"],), {"use_native": False})(
                     net, optimizer, data, comm

@@ -34,7 +34,8 @@ namespace {
 // Neither joins a posted job.
 const long long SMALL_PASS = 1LL << 15;
 const long long SMALL_PRODUCT = 1LL << 18;
-const long long LOSS_COST = 8;  // an element of the loss (exp, log, a division) costs several of h's
+const long long LOSS_COST = 8;
+const long long SPARSE_ROW = 32;  // a sparse row's nonzeros, for the size of its products (at least)  // an element of the loss (exp, log, a division) costs several of h's
 
 // f() on every thread of the team, each as thread p of a block of ``pieces``; on this thread alone
 // where the pass covers fewer than SMALL_PASS elements.
@@ -140,6 +141,43 @@ extern "C" void team_activation_slope(REAL* dQ, const REAL* Q, int n, int U, int
 extern "C" void team_loss_rows(const REAL* Z, const REAL* b, const int* y, const REAL* t, int n, int M, int task,
                                REAL scale, REAL* dZ, double* cost, double* wrong) {
     on_team((long long)n * M * LOSS_COST, [&] { loss_rows(Z, b, y, t, n, M, task, scale, dZ, cost, wrong); });
+}
+
+#include "cpu_sparse.h"
+
+// Layer 1 on sparse inputs (cpu_sparse.h), each step on the team. The lists of rows[0 … n − 1]' nonzeros.
+extern "C" void team_sparse_gather(const INPUT* X, const int* labels, const long long* rows, long long n,
+                                   long long p, gpunn_sparse* s, int* yb) {
+    on_team(n * p, [&] {
+        long long r0, r1;
+        my_rows(n, &r0, &r1);
+        gpunn_sparse_math::gather(X, labels, rows, p, s, yb, r0, r1);
+    });
+}
+
+// Z = α Q̃ [W b]ᵀ from the lists, WT = [W b]ᵀ ((p + 1, U) row-major, θ's own memory), the units cut over
+// the team; with ``training``, each thread then lists a block of rows by input for the update.
+extern "C" void team_sparse_forward(gpunn_sparse* s, long long n, long long p, const REAL* WT, long long U,
+                                    REAL alpha, REAL* Z, long long ldz, int training) {
+    on_team(n * U * SPARSE_ROW, [&] {
+        long long u0, u1, r0, r1;
+        gpunn_sparse_math::my_units(U, threadIdx.x, blockDim.x, &u0, &u1);
+        gpunn_sparse_math::forward_units(s, n, p, WT, U, u0, u1, alpha, Z, ldz);
+        if (!training) return;
+        my_rows(n, &r0, &r1);
+        gpunn_sparse_math::list_inputs(s, p, threadIdx.x, r0, r1);
+        if (threadIdx.x == 0) s->parts = blockDim.x;
+    });
+}
+
+// [W b]ᵀ += scale · Q̃ᵀ dZ (scale = −α) after team_sparse_forward, the units cut as there.
+extern "C" void team_sparse_update(const gpunn_sparse* s, long long p, REAL* WT, long long U, REAL scale,
+                                   const REAL* dZ) {
+    on_team(s->start[p + 1] * U, [&] {
+        long long u0, u1;
+        gpunn_sparse_math::my_units(U, threadIdx.x, blockDim.x, &u0, &u1);
+        gpunn_sparse_math::update_units(s, p, WT, U, u0, u1, scale, dZ);
+    });
 }
 
 #include "cpu_train.h"

@@ -2,7 +2,7 @@
 // them: the same calls, in the same order, on the same buffers, as engines/blas.py's _Plan makes them
 // from Python (the gather, per layer the product and h, the loss, per layer (6.27a), (6.27b) and the
 // folded update). Python fills the structures below once per plan; the step's arithmetic stays in
-// kernels.cu and BLAS. What this saves is Python's share of an n_b = 100 iteration: ~15 prepared calls,
+// kernels.cu and BLAS (and cpu_sparse.h for layer 1 on sparse inputs). What this saves is Python's share of an n_b = 100 iteration: ~15 prepared calls,
 // the loop's bookkeeping and the next mini-batch's hand-over, ~0.1 ms of a ~0.7 ms step on Example 6.2.
 // Included by cpu_kernels.cpp, after the functions it calls.
 #pragma once
@@ -46,6 +46,9 @@ struct gpunn_plan {
     int* yb;
     REAL* t;
     gpunn_layer* layers;
+    gpunn_sparse* sparse;  // not null: layer 1 works on the inputs' nonzeros (cpu_sparse.h), whose lists
+                           // the gather makes instead of Xb
+    REAL* WT;  // then layer 1's [W b]ᵀ, (p + 1, U) row-major (θ's memory)
     const REAL* ZL;
     const REAL* zeros;
     REAL* dZL;
@@ -59,9 +62,17 @@ void product(const gpunn_product& p) {
               p.beta, p.C, p.ldc);
 }
 
-// The plan's rows' inputs and targets (the caller has set rows), on this thread: a posted job's body.
-void gather_plan(const gpunn_plan& q) {
-    gather_rows(q.X, q.labels, q.rows, (int)q.n, (int)q.p, q.Xb, (int)q.ldx, q.yb);
+// The plan's rows' inputs and targets (the caller has set rows), on this thread (``team``: on the team).
+void gather_plan(const gpunn_plan& q, bool team = false) {
+    if (q.sparse != nullptr && team) {
+        team_sparse_gather(q.X, q.labels, q.rows, q.n, q.p, q.sparse, q.yb);
+    } else if (q.sparse != nullptr) {
+        gpunn_sparse_math::gather(q.X, q.labels, q.rows, q.p, q.sparse, q.yb, 0, q.n);
+    } else if (team) {
+        team_gather_rows(q.X, q.labels, q.rows, (int)q.n, (int)q.p, q.Xb, (int)q.ldx, q.yb);
+    } else {
+        gather_rows(q.X, q.labels, q.rows, (int)q.n, (int)q.p, q.Xb, (int)q.ldx, q.yb);
+    }
     if (q.targets == nullptr) return;
     for (long long r = 0; r < q.n; ++r) std::memcpy(q.t + r * q.tw, q.targets + q.rows[r] * q.tw, q.tw * sizeof(REAL));
 }
@@ -83,14 +94,17 @@ extern "C" void team_train(gpunn_plan** plans, int* buffer, const long long* ord
         gpunn::team().join();
         if (!q.posted || std::memcmp(q.rows, rows, n * sizeof(long long)) != 0) {
             std::memcpy(q.rows, rows, n * sizeof(long long));
-            team_gather_rows(q.X, q.labels, q.rows, (int)n, (int)q.p, q.Xb, (int)q.ldx, q.yb);
-            if (q.targets != nullptr) gather_plan(q);
+            gather_plan(q, true);
         }
         q.posted = 0;
         gpunn_plan* next = (k + 2) * n <= known && q.L >= 2 ? plans[1 - *buffer] : nullptr;
         for (long long l = 0; l < q.L; ++l) {
             const gpunn_layer& layer = q.layers[l];
-            product(layer.forward);
+            if (l == 0 && q.sparse != nullptr) {
+                team_sparse_forward(q.sparse, n, q.p, q.WT, layer.U, layer.forward.alpha, layer.Z, layer.ldz, 1);
+            } else {
+                product(layer.forward);
+            }
             if (layer.act >= 0) {
                 team_activation_rows(layer.Z, (int)n, (int)layer.U, (int)layer.ldz, (int)layer.act);
             }
@@ -112,7 +126,11 @@ extern "C" void team_train(gpunn_plan** plans, int* buffer, const long long* ord
                 team_activation_slope(layer.dQ, layer.Z, (int)n, (int)layer.U, (int)layer.ldz, (int)layer.act);
             }
             if (layer.to_dQ_prev.gemm != nullptr) product(layer.to_dQ_prev);
-            product(layer.descend);
+            if (l == 0 && q.sparse != nullptr) {
+                team_sparse_update(q.sparse, q.p, q.WT, layer.U, layer.descend.alpha, layer.dQ);
+            } else {
+                product(layer.descend);
+            }
         }
         if (next != nullptr) *buffer = 1 - *buffer;
     }
