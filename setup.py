@@ -17,7 +17,7 @@ def extension(real: str, name: str, c_type: str) -> Extension:
     return Extension(
         f"gpunn.engines.{module}",
         sources=["gpunn/engines/cpu_kernels.cpp"],
-        depends=["gpunn/engines/kernels.cu", "gpunn/engines/cpu_team.h", "gpunn/engines/cpu_train.h", "gpunn/engines/cpu_sparse.h"],
+        depends=[f"gpunn/engines/{f}" for f in ("kernels.cu", "cpu_team.h", "cpu_train.h", "cpu_sparse.h")],
         include_dirs=["gpunn/engines"],
         define_macros=[("REAL", real), ("INPUT", c_type), ("MODULE", module)],
         extra_compile_args=["-O3", "-std=c++14", "-pthread", "-Wno-psabi"],
