@@ -352,7 +352,7 @@ def _per_iteration(callback: Callback) -> bool:
     """Whether ``callback`` needs stretches of one iteration (see Callback)."""
     hooks = ("on_step", "should_stop")
     overrides = any(getattr(type(callback), hook) is not getattr(Callback, hook) for hook in hooks)
-    return overrides and callback.per_iteration
+    return overrides and getattr(callback, "per_iteration", True)
 
 
 def _check_divergence(h: History, first: int, factor, schedule) -> None:

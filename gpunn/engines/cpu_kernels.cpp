@@ -34,8 +34,8 @@ namespace {
 // Neither joins a posted job.
 const long long SMALL_PASS = 1LL << 15;
 const long long SMALL_PRODUCT = 1LL << 18;
-const long long LOSS_COST = 8;
-const long long SPARSE_ROW = 32;  // a sparse row's nonzeros, for the size of its products (at least)  // an element of the loss (exp, log, a division) costs several of h's
+const long long LOSS_COST = 8;  // an element of the loss (exp, log, a division) costs several of h's
+const long long SPARSE_ROW = 32;  // a sparse row's nonzeros, for the size of its products (at least)
 
 // f() on every thread of the team, each as thread p of a block of ``pieces``; on this thread alone
 // where the pass covers fewer than SMALL_PASS elements.

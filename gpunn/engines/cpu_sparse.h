@@ -1,7 +1,7 @@
 // Layer 1 on sparse inputs: the same products as the dense calls, α Q̃ [W b]ᵀ and [W b] ← [W b] − α dZᵀ Q̃
 // (6.14, 6.27c–d with the update), with the zero inputs' terms left out. They contribute exactly nothing,
 // and on MNIST 81 % of the pixels are zero: layer 1, 90 % of an iteration's arithmetic, does a fifth of
-// it, at about half BLAS's rate per multiply-add (each weight loaded serves one row, not several).
+// it, at about a third of BLAS's rate per multiply-add (each weight loaded serves one row, not several).
 // Which inputs are zero differs from row to row, so the work runs from lists of the nonzeros.
 //
 // θ holds [W b] column-major (6.17), so its transpose [W b]ᵀ is a row-major (p + 1, U) matrix whose row
@@ -13,8 +13,8 @@
 // its part of [W b]ᵀ in its own cache; a thread's units go in strips of up to 8 vectors held in
 // registers (64 floats or 32 doubles).
 //
-// Every element is summed by one thread, in input or row order: the same bits at any width of the team. Included
-// by cpu_kernels.cpp (REAL, INPUT, the team's threadIdx/blockDim and my_rows).
+// Every element is summed by one thread, in input or row order: the same bits at any width of the team.
+// Included by cpu_kernels.cpp (REAL, INPUT, the team's threadIdx/blockDim and my_rows).
 #pragma once
 
 #include <algorithm>
@@ -74,8 +74,8 @@ GPUNN_INLINE void sum_strip(vec* acc, long long e0, long long e1, const int* at,
 }
 
 // The same for the w < LANES units from u0, one by one.
-GPUNN_INLINE void sum_units(REAL* acc, long long w, long long e0, long long e1, const int* at, const REAL* value,
-                            const REAL* source, long long ld, long long u0) {
+GPUNN_INLINE void sum_units(REAL* acc, long long w, long long e0, long long e1, const int* at,
+                            const REAL* value, const REAL* source, long long ld, long long u0) {
     for (long long e = e0; e < e1; ++e) {
         const REAL* s = source + (long long)at[e] * ld + u0;
         for (long long j = 0; j < w; ++j) acc[j] += value[e] * s[j];
@@ -88,9 +88,12 @@ GPUNN_INLINE void sum_units(REAL* acc, long long w, long long e0, long long e1, 
 // start(i) and is width(i) vectors wide.
 struct Strips {
     long long u0, u1, vectors, count;
-    Strips(long long a, long long b) : u0(a), u1(b), vectors((b - a) / LANES), count((vectors + VECTORS - 1) / VECTORS) {}
+    Strips(long long a, long long b)
+        : u0(a), u1(b), vectors((b - a) / LANES), count((vectors + VECTORS - 1) / VECTORS) {}
     long long total() const { return count + (u0 + vectors * LANES < u1); }
-    long long width(long long i) const { return i < count ? vectors * (i + 1) / count - vectors * i / count : 0; }
+    long long width(long long i) const {
+        return i < count ? vectors * (i + 1) / count - vectors * i / count : 0;
+    }
     long long start(long long i) const { return u0 + (i < count ? vectors * i / count : vectors) * LANES; }
 };
 

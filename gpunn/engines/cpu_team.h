@@ -240,7 +240,8 @@ inline Team& team() {
     Team*& the_team = team_pointer();
     if (the_team == nullptr) {
         the_team = new Team();
-        pthread_atfork(nullptr, nullptr, [] { team_pointer()->forks_.fetch_add(1, std::memory_order_relaxed); });
+        pthread_atfork(nullptr, nullptr,
+                       [] { team_pointer()->forks_.fetch_add(1, std::memory_order_relaxed); });
     }
     return *the_team;
 }

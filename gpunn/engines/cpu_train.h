@@ -2,8 +2,9 @@
 // them: the same calls, in the same order, on the same buffers, as engines/blas.py's _Plan makes them
 // from Python (the gather, per layer the product and h, the loss, per layer (6.27a), (6.27b) and the
 // folded update). Python fills the structures below once per plan; the step's arithmetic stays in
-// kernels.cu and BLAS (and cpu_sparse.h for layer 1 on sparse inputs). What this saves is Python's share of an n_b = 100 iteration: ~15 prepared calls,
-// the loop's bookkeeping and the next mini-batch's hand-over, ~0.1 ms of a ~0.7 ms step on Example 6.2.
+// kernels.cu and BLAS (and cpu_sparse.h for layer 1 on sparse inputs). What this saves is Python's share
+// of an n_b = 100 iteration: ~15 prepared calls, the loop's bookkeeping and the next mini-batch's
+// hand-over, ~0.1 ms of a ~0.7 ms step on Example 6.2.
 // Included by cpu_kernels.cpp, after the functions it calls.
 #pragma once
 
@@ -74,7 +75,9 @@ void gather_plan(const gpunn_plan& q, bool team = false) {
         gather_rows(q.X, q.labels, q.rows, (int)q.n, (int)q.p, q.Xb, (int)q.ldx, q.yb);
     }
     if (q.targets == nullptr) return;
-    for (long long r = 0; r < q.n; ++r) std::memcpy(q.t + r * q.tw, q.targets + q.rows[r] * q.tw, q.tw * sizeof(REAL));
+    for (long long r = 0; r < q.n; ++r) {
+        std::memcpy(q.t + r * q.tw, q.targets + q.rows[r] * q.tw, q.tw * sizeof(REAL));
+    }
 }
 
 }  // namespace
@@ -101,7 +104,8 @@ extern "C" void team_train(gpunn_plan** plans, int* buffer, const long long* ord
         for (long long l = 0; l < q.L; ++l) {
             const gpunn_layer& layer = q.layers[l];
             if (l == 0 && q.sparse != nullptr) {
-                team_sparse_forward(q.sparse, n, q.p, q.WT, layer.U, layer.forward.alpha, layer.Z, layer.ldz, 1);
+                const REAL alpha = layer.forward.alpha;
+                team_sparse_forward(q.sparse, n, q.p, q.WT, layer.U, alpha, layer.Z, layer.ldz, 1);
             } else {
                 product(layer.forward);
             }
@@ -123,7 +127,8 @@ extern "C" void team_train(gpunn_plan** plans, int* buffer, const long long* ord
         for (long long l = q.L - 1; l >= 0; --l) {
             const gpunn_layer& layer = q.layers[l];
             if (layer.act >= 0) {
-                team_activation_slope(layer.dQ, layer.Z, (int)n, (int)layer.U, (int)layer.ldz, (int)layer.act);
+                const int U = (int)layer.U, ldz = (int)layer.ldz, act = (int)layer.act;
+                team_activation_slope(layer.dQ, layer.Z, (int)n, U, ldz, act);
             }
             if (layer.to_dQ_prev.gemm != nullptr) product(layer.to_dQ_prev);
             if (l == 0 && q.sparse != nullptr) {
