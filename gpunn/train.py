@@ -246,6 +246,8 @@ class _Loop:
         self.history, self.callbacks, self.comm = history, callbacks, comm
         self.per_epoch = iterations_per_epoch(train.n, batch_size)
         exact = any(_per_iteration(callback) for callback in callbacks)
+        if comm.size > 1:  # every rank stops at the same iterations, whatever its own callbacks
+            exact = not comm.all_agree(not exact)
         self.stretch = 1 if exact else engine.max_steps  # the most iterations per engine.run
         capacity = eval_every + engine.max_steps
         self.costs = net.xp.zeros(capacity, dtype=numpy.float64)  # since the last fetch, on the device
@@ -351,7 +353,7 @@ class _Loop:
 def _per_iteration(callback: Callback) -> bool:
     """Whether ``callback`` needs stretches of one iteration (see Callback)."""
     hooks = ("on_step", "should_stop")
-    overrides = any(getattr(type(callback), hook) is not getattr(Callback, hook) for hook in hooks)
+    overrides = any(getattr(type(callback), hook, None) is not getattr(Callback, hook) for hook in hooks)
     return overrides and getattr(callback, "per_iteration", True)
 
 

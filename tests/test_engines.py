@@ -323,3 +323,40 @@ def test_the_inputs_density_chooses_layer_ones_way_unless_the_user_does(monkeypa
     assert not blas.sparse_inputs(sparse, 200)
     monkeypatch.setenv(blas.SPARSE_VARIABLE, "1")
     assert blas.sparse_inputs(dense, 10)
+
+
+def test_a_step_from_python_then_a_native_stretch_on_sparse_inputs(monkeypatch):
+    """``step`` (whose next mini-batch a worker gathers densely) and then ``run``: the native stretch
+    lists the inputs itself instead of taking the dense gather for its lists; as the dense engine."""
+    need_cpu_kernels(np.float64, np.uint8)
+    monkeypatch.setenv("GPUNN_BLAS_THREADS", "2")
+    rng = np.random.default_rng(5)
+    X = rng.integers(1, 256, (400, 300), dtype=np.uint8) * (rng.random((400, 300)) < 0.2)
+    y, order, lrs = rng.integers(0, 4, 400), rng.permutation(400), [0.05] * 3
+    costs = []
+    for sparse in (True, False):
+        net = gpunn.MLP([300, 70, 4], "relu", "classification", CPU, seed=1, dtype="float64")
+        optimizer = make_optimizer(net, "sgd", lr=0.05)
+        engine = type("Engine", (BlasEngine,), {"use_sparse": sparse})(
+            net, optimizer, DeviceDataset(net, X.astype(np.uint8), y, 1 / 255)
+        )
+        engine.run(order, 10, 2, 20, lrs)  # the plans have lists of other rows already
+        first = engine.step(order[:20], 0.05, order[20:40])[0]
+        costs.append([first, *engine.run(order, 1, 3, 20, lrs)[0]])
+        engine.finish()
+    assert engine.sparse is False
+    np.testing.assert_allclose(costs[0], costs[1], rtol=1e-10)
+
+
+def test_each_data_set_is_evaluated_on_its_own_rows():
+    need_cpu_kernels(np.float32, np.uint8)
+    rng = np.random.default_rng(0)
+    net = gpunn.MLP([20, 8, 3], "relu", "classification", CPU, seed=1)
+    optimizer = make_optimizer(net, "sgd", lr=0.05)
+    a, b = (
+        DeviceDataset(net, rng.integers(0, 256, (50, 20), dtype=np.uint8), rng.integers(0, 3, 50), 1 / 255)
+        for _ in range(2)
+    )
+    engine, reference = BlasEngine(net, optimizer, a), XpEngine(net, optimizer, a)
+    for data in (a, b, a):
+        np.testing.assert_allclose(engine.evaluate(data), reference.evaluate(data), rtol=1e-5)

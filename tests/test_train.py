@@ -337,3 +337,21 @@ def test_stretches_are_single_iterations_only_for_callbacks_that_need_them(
         np.testing.assert_array_equal(gpunn.to_numpy(theta), gpunn.to_numpy(exact_theta))
     else:
         assert exact.iteration == 24 and exact_steps == list(range(1, 25))
+
+
+def test_every_rank_runs_stretches_of_one_length_whatever_its_own_callbacks():
+    """A callback that needs single iterations on one rank only (a logger on rank 0): every rank runs
+    one iteration at a time, so that all of them ask whether to stop after the same iterations."""
+    from gpunn.train import _Loop
+
+    from fake_comm import run_ranks
+
+    def stretch(comm, logger):
+        net = gpunn.MLP([4, 3], seed=0)
+        engine = type("Engine", (), {"max_steps": 100})()
+        data = type("Data", (), {"n": 1000})()
+        callbacks = [Recorder()] if logger and comm.rank == 0 else []
+        return _Loop(net, engine, data, None, None, 100, 10, 0, History(), callbacks, comm).stretch
+
+    assert run_ranks(2, lambda comm: stretch(comm, logger=True)) == [1, 1]
+    assert run_ranks(2, lambda comm: stretch(comm, logger=False)) == [100, 100]

@@ -145,6 +145,8 @@ class _Plan:
             self._prepare_sparse(net, data, train)
         if train and self.kernel_gather is not None:
             self._prepare_native(net, data, layers)
+        if train and self.native is None:  # only cpu_train.h trains from the lists
+            self.sparse = None
 
     def _prepare_sparse(self, net, data, train: bool) -> None:
         """Layer 1 on the inputs' nonzeros (engines/cpu_sparse.h): their lists (``self.sparse``), which
@@ -152,7 +154,7 @@ class _Plan:
         n, p = self.X.shape
         room = n * (p + 1)
         self.lists = (
-            numpy.empty(n, numpy.int64), numpy.empty(room, numpy.int32), numpy.empty(room, net.dtype),
+            numpy.zeros(n, numpy.int64), numpy.empty(room, numpy.int32), numpy.empty(room, net.dtype),
             numpy.empty(native.TEAM_MOST * (p + 2), numpy.int64), numpy.empty(room, numpy.int32),
             numpy.empty(room, net.dtype),
         )  # fmt: skip
@@ -200,12 +202,12 @@ class _Plan:
     @property
     def posted(self) -> bool:
         """Whether ``rows`` were handed to a posted gather (done once the engine joins)."""
-        return bool(self.native.posted) if self.native is not None else self._posted
+        return bool(self.native.posted) if self.native is not None and self.sparse is None else self._posted
 
     @posted.setter
     def posted(self, value: bool) -> None:
-        if self.native is not None:
-            self.native.posted = int(value)
+        if self.native is not None:  # a sparse plan's lists come from cpu_train.h's gathers only
+            self.native.posted = int(value and self.sparse is None)
         self._posted = value
 
     # --- the element-wise passes: kernels.cu where built, else NumPy ------------------------------
@@ -352,9 +354,10 @@ class BlasEngine(Engine):
             self.team.team_join()
 
     def plan(self, data, n: int, train: bool = True, buffer: int = 0) -> _Plan:
-        """The plan for n rows of ``data`` (its input scale and stored type shape the calls); training
-        has two of each size, ``buffer`` 0 and 1, so that one can gather while the other computes."""
-        key = (n, train, data.scale, data.X.dtype, buffer)
+        """The plan for n rows of ``data`` (each data set its own: the calls hold its addresses, and its
+        input scale and stored type shape them); training has two of each size, ``buffer`` 0 and 1, so
+        that one can gather while the other computes."""
+        key = (id(data), n, train, buffer)
         if key not in self.plans:
             self.plans[key] = _Plan(self, data, n, train)
         return self.plans[key]

@@ -173,7 +173,9 @@ extern "C" void team_sparse_forward(gpunn_sparse* s, long long n, long long p, c
 // [W b]ᵀ += scale · Q̃ᵀ dZ (scale = −α) after team_sparse_forward, the units cut as there.
 extern "C" void team_sparse_update(const gpunn_sparse* s, long long p, REAL* WT, long long U, REAL scale,
                                    const REAL* dZ) {
-    on_team(s->start[p + 1] * U, [&] {
+    long long entries = 0;  // in every part
+    for (long long t = 0; t < s->parts; ++t) entries += s->start[t * (p + 2) + p + 1] - s->start[t * (p + 2)];
+    on_team(entries * U, [&] {
         long long u0, u1;
         gpunn_sparse_math::my_units(U, threadIdx.x, blockDim.x, &u0, &u1);
         gpunn_sparse_math::update_units(s, p, WT, U, u0, u1, scale, dZ);

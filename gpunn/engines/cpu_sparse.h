@@ -47,7 +47,8 @@ const long long LANES = 32 / sizeof(REAL);
 const long long VECTORS = 8;  // most per strip: 8 accumulators cover the FMA units' latency
 
 #define GPUNN_INLINE __attribute__((always_inline)) static inline
-#if defined(__x86_64__)  // one copy for AVX2 and FMA, one for any x86-64, chosen when the module loads
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)  // ifunc: glibc's
+// one copy for AVX2 and FMA, one for any x86-64, chosen when the module loads
 #define GPUNN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define GPUNN_CLONES
