@@ -145,11 +145,17 @@ def _team_arguments(function, values) -> tuple:
     return (ctypes.cast(function, ctypes.c_void_p).value, int(wide), *values)
 
 
+def _blas_arguments(A, B, C, alpha, beta) -> tuple | None:
+    """``_arguments`` with the BLAS this process found, for NumPy arrays; None elsewhere."""
+    return _arguments(_gemm, A, B, C, alpha, beta) if isinstance(C, numpy.ndarray) and available() else None
+
+
 def team_gemm_arguments(A, B, C, alpha: float = 1.0, beta: float = 0.0) -> tuple | None:
     """team_gemm's arguments (address, wide, order, ta, tb, m, n, k, α, A, lda, B, ldb, β, C, ldc) for
     ``gemm(A, B, C, alpha, beta, team=…)``, as numbers (addresses included), or None where BLAS cannot
-    take these arrays: for callers that hand the call to native code (cpu_train.h). Keep the arrays."""
-    bound = _arguments(_gemm, A, B, C, alpha, beta) if isinstance(C, numpy.ndarray) and available() else None
+    take these arrays; a call that ``gemm`` prepared with a team carries them as ``team_arguments``,
+    for native code that makes the same call (cpu_train.h). Keep the arrays."""
+    bound = _blas_arguments(A, B, C, alpha, beta)
     return None if bound is None else _team_arguments(*bound)
 
 
@@ -184,9 +190,10 @@ def gemm(A, B, C, alpha: float = 1.0, beta: float = 0.0, team=None) -> Callable[
     """
     if beta not in (0.0, 1.0):
         raise ValueError(f"beta must be 0 or 1; got {beta}")
-    bound = _arguments(_gemm, A, B, C, alpha, beta) if isinstance(C, numpy.ndarray) and available() else None
-    if bound is not None and team is not None:
-        call = prepare(team.team_gemm, *_team_arguments(*bound))
+    bound = _blas_arguments(A, B, C, alpha, beta)
+    arguments = None if bound is None or team is None else _team_arguments(*bound)
+    if arguments is not None:
+        call = prepare(team.team_gemm, *arguments)
     elif bound is not None:
         call = prepare(bound[0], *bound[1])  # holds addresses only: keep the arrays alive
     elif beta:
@@ -202,7 +209,7 @@ def gemm(A, B, C, alpha: float = 1.0, beta: float = 0.0, team=None) -> Callable[
             if alpha != 1.0:
                 C.__imul__(alpha)
 
-    call.arrays = (A, B, C)
+    call.arrays, call.team_arguments = (A, B, C), arguments
     return call
 
 
@@ -307,7 +314,7 @@ def train_structures(dtype) -> tuple:
 
         @classmethod
         def of(cls, arguments):
-            """From ``team_gemm_arguments``'s tuple."""
+            """From ``team_gemm_arguments``'s tuple (a prepared call's ``team_arguments``)."""
             gemm, wide, _, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc = arguments
             return cls(gemm, wide, ta, tb, m, n, k, A, lda, B, ldb, C, ldc, alpha, beta)
 
@@ -343,8 +350,8 @@ class CpuThreads:
     takes a core, a thread that gets descheduled holds up its peers for a time slice, and one thread
     is faster. The engine passes each iteration's duration to ``record`` (what happens between
     iterations, an evaluation, does not count); after every BLOCK of them (but the first, which pays
-    for building the engine's buffers) the mean is kept for the
-    current thread count (the mean, not the median: the cost is in the rare iterations that wait), and
+    for building the engine's buffers) the mean is kept for the current thread count (the mean, not
+    the median: the cost is in the rare iterations that wait), and
     now and then the other count (all cores, or one) is tried for a block and the faster kept. A trial
     that loses waits twice as long before the next (up to MAX_INTERVAL blocks), one that wins resets
     the wait, and a block much slower than the other count's last is tried against it at once.

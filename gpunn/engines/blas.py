@@ -120,7 +120,10 @@ class _Plan:
                 activate = self._activation(layer.activation, Z)
                 slope = self._slope(layer.activation, dZ, Z) if train else None
             team = engine.team
-            self.forward.append((native.gemm(Qc, Wb.T, Z, alpha, team=team), activate))  # Z = α Q̃ [W b]ᵀ
+            forward = native.gemm(Qc, Wb.T, Z, alpha, team=team)  # Z = α Q̃ [W b]ᵀ
+            self.forward.append((forward, activate))
+            if l == 0:  # for layer 1's sparse products: [W b]ᵀ ((p + 1, U) row-major) and Z
+                self.WT, self.Z1 = Wb.T, Z
             if train:
                 to_dQ_prev = native.gemm(dZ, layer.W, self.dQ[l - 1], team=team) if l > 0 else None  # (6.27b)
                 if targets is None:  # [W b] ← [W b] − α dZᵀ Q̃: (6.27c–d) and the update
@@ -128,22 +131,15 @@ class _Plan:
                 else:  # [dW db] = α dZᵀ Q̃: (6.27c–d)
                     descend = native.gemm(dZ.T, Qc, targets[l], alpha, 0.0, team=team)
                 self.backward.insert(0, (slope, to_dQ_prev, descend))
-                arguments = native.team_gemm_arguments  # the same products, for native code
                 act = -1 if l == L - 1 else ACT_CODES[layer.activation.name]
                 layers.append(
-                    (
-                        arguments(Qc, Wb.T, Z, alpha),
-                        arguments(dZ, layer.W, self.dQ[l - 1]) if l > 0 else (0,) * 16,
-                        arguments(dZ.T, Qc, Wb, -alpha, 1.0) if targets is None else None,
-                        (Z, dZ, Z.shape[1], Z.strides[0] // Z.itemsize, act),
-                    )
+                    (forward, to_dQ_prev, descend, (Z, dZ, Z.shape[1], Z.strides[0] // Z.itemsize, act))
                 )
         self._prepare_loss(net)
         self._prepare_gather(data)
-        self.WT = augmented_views(net.theta, sizes)[0].T  # [W b]ᵀ of layer 1: (p + 1, U) row-major
         if engine.sparse and self.kernel_gather is not None and self.WT.flags.c_contiguous:
             self._prepare_sparse(net, data, train)
-        if train and self.kernel_gather is not None:
+        if train and engine.max_steps > 1 and self.kernel_gather is not None:  # stretches run natively
             self._prepare_native(net, data, layers)
         if train and self.native is None:  # only cpu_train.h trains from the lists
             self.sparse = None
@@ -167,23 +163,29 @@ class _Plan:
         self.kernel_gather = native.prepare(
             k.team_sparse_gather, data.X, labels, self.rows, n, p, lists, self.y
         )
-        Z = self.Qc[1][:, :-1] if net.L > 1 else self.ZL
+        Z = self.Z1
         U, ldz = Z.shape[1], Z.strides[0] // Z.itemsize
         product = native.prepare(k.team_sparse_forward, lists, n, p, self.WT, U, data.scale, Z, ldz, 0)
         self.forward[0] = (product, self.forward[0][1])
 
     def _prepare_native(self, net, data, layers) -> None:
         """cpu_train.h's form of this plan (``self.native``), where every call can be made natively:
-        plain SGD (the update folded into the backward pass), targets of the network's float type."""
+        plain SGD (the update folded into the backward pass), targets of the network's float type.
+        ``layers``: each layer's prepared products (forward, to_dQ_prev or None, descend), then
+        (Z, dZ, U, ldz, h's code)."""
         targets = None if self.task == "classification" else data.y
-        if any(None in layer[:3] for layer in layers) or (
+        none = (0,) * 16  # team_gemm's arguments of no product: a null function
+        products = [
+            [none if call is None else call.team_arguments for call in layer[:3]] for layer in layers
+        ]  # a product that is no team_gemm call (NumPy's matmul) has None
+        if any(None in calls for calls in products) or (
             targets is not None and (targets.dtype != net.dtype or not targets.flags.c_contiguous)
         ):
             return
         Product, Layer, Plan, _ = native.train_structures(net.dtype)
         self.native_layers = (Layer * len(layers))()
-        for spec, (forward, to_dQ_prev, descend, (Z, dZ, U, ldz, act)) in zip(self.native_layers, layers):
-            spec.forward, spec.to_dQ_prev, spec.descend = map(Product.of, (forward, to_dQ_prev, descend))
+        for spec, calls, (*_, (Z, dZ, U, ldz, act)) in zip(self.native_layers, products, layers):
+            spec.forward, spec.to_dQ_prev, spec.descend = map(Product.of, calls)
             spec.Z, spec.dQ, spec.U, spec.ldz, spec.act = Z.ctypes.data, dZ.ctypes.data, U, ldz, act
         n, p = self.X.shape
         address = lambda a: None if a is None else a.ctypes.data  # noqa: E731
